@@ -1,0 +1,325 @@
+"""
+DiT, the diffusion transformer (Peebles & Xie 2022, arXiv:2212.09748), written from scratch with the
+parameter names of the published checkpoints, so DiT-XL-2-256x256.pt and -512x512.pt load with strict=True.
+Each block has empty slots for the scale factors γ of DiffFit (Xie et al. 2023, arXiv:2304.06648); they
+stay None (no parameters, no state-dict keys) until difffit.py fills them in.
+"""
+import math
+import os
+import pickle
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# helpers
+
+def modulate(x, shift, scale):
+    """adaLN: per-sample shift and scale (N, D) of every token of x (N, T, D)."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+def timestep_embedding(t, dim=256, max_period=10000):
+    """(N,) steps, possibly fractional -> (N, dim) sinusoidal features, cos first (GLIDE convention)."""
+    half = dim // 2  # dim is even (256 in DiT)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)  # (half,)
+    args = t.float()[:, None] * freqs[None]  # (N, half)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)  # (N, dim)
+
+# -----------------------------------------------------------------------------
+# the pieces of a DiT
+
+class PatchEmbed(nn.Module):
+    """Cut the image into p x p patches and project each to D: a strided conv."""
+
+    def __init__(self, patch_size, in_channels, hidden_size):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)  # (N, C, H, W) -> (N, T, D), tokens row-major over the patch grid
+
+class TimestepEmbedder(nn.Module):
+    """Diffusion step t -> D-dim vector: sinusoidal features then a 2-layer MLP."""
+
+    def __init__(self, hidden_size, frequency_embedding_size=256):
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, t):
+        return self.mlp(timestep_embedding(t, self.frequency_embedding_size))
+
+class LabelEmbedder(nn.Module):
+    """Class label -> D-dim vector; in training a label is replaced by the null class num_classes with prob dropout_prob."""
+
+    def __init__(self, num_classes, hidden_size, dropout_prob):
+        super().__init__()
+        self.num_classes, self.dropout_prob = num_classes, dropout_prob
+        # the extra row is the null class for classifier-free guidance (only there if labels are ever dropped)
+        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
+
+    def forward(self, y):
+        if self.training and self.dropout_prob > 0:
+            drop = torch.rand(y.shape, device=y.device) < self.dropout_prob
+            y = torch.where(drop, self.num_classes, y)
+        return self.embedding_table(y)
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection laid out [q; k; v], as in the checkpoints."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.register_parameter("gamma_qkv", None)  # DiffFit γ on the qkv output, (3D,); None = absent
+
+    def forward(self, x):
+        B, T, C = x.shape
+        qkv = self.qkv(x)  # (B, T, 3C)
+        if self.gamma_qkv is not None:  # DiffFit Table 4c: γ also scales the qkv projection
+            qkv = qkv * self.gamma_qkv.to(qkv.dtype)  # the cast keeps bf16 autocast in bf16; a no-op in fp32
+        q, k, v = qkv.view(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, nh, T, hs)
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, nh, T, hs), scale 1/sqrt(hs)
+        return self.proj(x.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
+
+class Mlp(nn.Module):
+    """Two Linears with a tanh-approximated GELU between them."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+class DiTBlock(nn.Module):
+    """Transformer block whose LayerNorms are modulated by the conditioning c, with gated residuals (adaLN-Zero)."""
+
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+        self.register_parameter("gamma_attn", None)  # DiffFit γ1, (D,); None = absent
+        self.register_parameter("gamma_mlp", None)   # DiffFit γ2, (D,); None = absent
+
+    def forward(self, x, c):
+        # the six (N, D) modulation vectors, in the checkpoints' order
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        a = self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        if self.gamma_attn is not None:  # DiffFit Algorithm 1: x = x + γ1·attn(...)
+            a = a * self.gamma_attn.to(a.dtype)
+        x = x + gate_msa.unsqueeze(1) * a
+        m = self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        if self.gamma_mlp is not None:  # DiffFit Algorithm 1: x = x + γ2·mlp(...)
+            m = m * self.gamma_mlp.to(m.dtype)
+        return x + gate_mlp.unsqueeze(1) * m
+
+class FinalLayer(nn.Module):
+    """Modulated LayerNorm then a Linear to each token's p x p x out_channels patch (no gate)."""
+
+    def __init__(self, hidden_size, patch_size, out_channels):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+        self.register_parameter("gamma", None)  # DiffFit γ on the output, (p·p·out_channels,); None = absent
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # shift first, then scale
+        x = self.linear(modulate(self.norm_final(x), shift, scale))
+        if self.gamma is not None:  # DiffFit Table 4c: γ also scales the final layer's output
+            x = x * self.gamma.to(x.dtype)
+        return x
+
+# -----------------------------------------------------------------------------
+# DiT
+
+class DiT(nn.Module):
+    """Diffusion transformer: patchify, add position, N adaLN-Zero blocks conditioned on t + y, unpatchify."""
+
+    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
+                 mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True):
+        super().__init__()
+        if input_size % patch_size:
+            raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
+        self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
+        self.out_channels = 2 * in_channels if learn_sigma else in_channels  # [ε, v]: v interpolates the log-variance
+        self.num_classes, self.hidden_size, self.depth, self.num_heads = num_classes, hidden_size, depth, num_heads
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        num_patches = (input_size // patch_size) ** 2
+        # a fixed table, but a Parameter (not a buffer) because that is what the checkpoints hold
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """DiT's init: xavier Linears, fixed sin-cos positions, N(0, 0.02) embeddings, zeroed adaLN (adaLN-Zero)."""
+        # every Linear: xavier-uniform weight, zero bias (the adaLN Linears are zeroed again below)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        # the fixed 2-D sin-cos position table
+        table = get_2d_sincos_pos_embed(self.hidden_size, self.input_size // self.patch_size)  # (T, D)
+        self.pos_embed.data.copy_(table.unsqueeze(0))
+        # the patch conv is initialised like a Linear on the flattened (C·p·p) patch
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        # label table and timestep MLP weights: N(0, 0.02)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        # adaLN-Zero: all modulations (so all gates) start at 0, so every block starts as the identity ...
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        # ... and the output layer starts at 0, so a fresh DiT outputs exactly 0
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def unpatchify(self, x):
+        """(N, T, p·p·C) tokens -> (N, C, H, W); each token holds its patch as (p_row, p_col, channel)."""
+        p, c, h = self.patch_size, self.out_channels, self.input_size // self.patch_size
+        x = x.reshape(x.shape[0], h, h, p, p, c).permute(0, 5, 1, 3, 2, 4)  # (N, C, h, p, w, p)
+        return x.reshape(x.shape[0], c, h * p, h * p)
+
+    def check_inputs(self, x, y):
+        """Turn wrong shapes and labels into readable errors instead of a broadcast or index error deep inside."""
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"DiT expects x of shape (N, {self.in_channels}, H, W) (4 channels for VAE latents, 3 for pixels), got {tuple(x.shape)}")
+        H, W = x.shape[2:]
+        p, S = self.patch_size, self.input_size
+        if H % p or W % p:
+            raise ValueError(f"input size {H}x{W} is not divisible by the patch size {p}")
+        if H != S or W != S:
+            raise ValueError(f"DiT was built for {S}x{S} inputs (input_size={S}; image size / 8 for latents), got {H}x{W}: "
+                             f"build it with input_size={H}" + ("" if H == W else " and square inputs"))
+        if torch.compiler.is_compiling():  # min/max would be a host sync and a graph break
+            return
+        top = self.y_embedder.embedding_table.num_embeddings - 1  # num_classes (the null class) if labels can be dropped
+        lo, hi = y.min().item(), y.max().item()
+        if lo < 0 or hi > top:
+            null = f", {self.num_classes} = null class" if top == self.num_classes else " (no null class: class_dropout_prob=0)"
+            raise ValueError(f"class labels must be in [0, {top}] ({self.num_classes} classes{null}), got labels in [{lo}, {hi}]")
+
+    def forward(self, x, t, y):
+        """
+        x: (N, C, H, W) latents (or pixels), t: (N,) diffusion steps 0..999, y: (N,) labels (num_classes = null).
+        Returns (N, out_channels, H, W): ε in channels [0:C], and with learn_sigma the variance interpolation v in [C:2C].
+        """
+        self.check_inputs(x, y)                     # H = W = input_size
+        x = self.x_embedder(x) + self.pos_embed     # (N, T, D), T = (H / p)^2
+        c = self.t_embedder(t) + self.y_embedder(y) # (N, D)
+        for block in self.blocks:
+            x = block(x, c)                         # (N, T, D)
+        x = self.final_layer(x, c)                  # (N, T, p·p·out_channels)
+        return self.unpatchify(x)                   # (N, out_channels, H, W)
+
+    def forward_with_cfg(self, x, t, y, cfg_scale, guide_channels=3):
+        """
+        Classifier-free guidance in one batch. x: (2n, C, H, W) = [cond half; uncond half], y = [labels; null],
+        of which only the first half of x is used. Returns (2n, out_channels, H, W); both halves carry the same guided ε.
+        """
+        # The reference guides only ε channels [0:3] (a GLIDE leftover for RGB, kept by the DiT authors "for exact
+        # reproducibility"); the published FIDs (2.27 at cfg 1.5) depend on it, so it is the default here.
+        # guide_channels=None guides every ε channel (what diffusers does; 1.5 on 3 channels ≈ 1.375 on 4).
+        k = self.in_channels if guide_channels is None else guide_channels
+        half = x[: len(x) // 2]                             # (n, C, H, W)
+        out = self.forward(torch.cat([half, half]), t, y)   # (2n, out_channels, H, W)
+        eps, rest = out.split([k, out.shape[1] - k], dim=1) # (2n, k, H, W), (2n, out_channels - k, H, W)
+        cond, uncond = eps.chunk(2)                         # (n, k, H, W) each
+        guided = uncond + cfg_scale * (cond - uncond)       # (n, k, H, W)
+        return torch.cat([torch.cat([guided, guided]), rest], dim=1)  # (2n, out_channels, H, W)
+
+def load_dit_state_dict(model, state_dict, name):
+    """load_state_dict(strict=True), but a mismatch raises one readable line naming the config."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [f"{k} checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in own.items() if k in state_dict and state_dict[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        few = lambda keys: ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+        found = "; ".join(f"{what} {few(keys)}" for what, keys in [("missing", missing), ("unexpected", unexpected), ("shape", shapes)] if keys)
+        S, kind = model.input_size, "latents" if model.in_channels == 4 else "pixels"
+        raise ValueError(f"checkpoint does not fit {name} at {S}x{S} {kind}: {found} — pick the --model / --image-size the checkpoint was trained with")
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+def load_model(ckpt, config):
+    """A DiT with its weights loaded strictly. `ckpt` is "scratch", a checkpoint written by this repo
+    ({"config", "model"}), or a published DiT state dict, which takes its architecture from `config`:
+    {"model": "DiT-XL/2", **kwargs} for a preset, or the DiT(**kwargs) arguments themselves."""
+    sd = None
+    if ckpt != "scratch":
+        if not os.path.exists(ckpt):
+            raise FileNotFoundError(f"checkpoint {ckpt} not found: pass the path of an existing checkpoint")
+        try:  # weights_only: a checkpoint is tensors and dicts; pickled code is refused, never run
+            sd = torch.load(ckpt, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"refusing {ckpt}: it holds pickled objects, not just tensors ({str(e).splitlines()[0][:80]})") from None
+        if "config" in sd:
+            config, sd = sd["config"], sd["model"]
+        elif "ema" in sd:  # a checkpoint of DiT's own train.py: sample its EMA weights, as DiT does
+            sd = sd["ema"]
+    kwargs = {k: v for k, v in config.items() if k != "model"}
+    model = DiT_models[config["model"]](**kwargs) if "model" in config else DiT(**kwargs)
+    if sd is not None:
+        load_dit_state_dict(model, sd, config.get("model", "DiT") + f" {kwargs}")
+    model.config = dict(config)  # how to rebuild it; stored next to deltas
+    return model
+
+# -----------------------------------------------------------------------------
+# 2-D sin-cos position embedding (from MAE), computed in float64 like the reference, then cast to float32
+
+def get_2d_sincos_pos_embed(embed_dim, grid_size, scale=1.0):
+    """
+    (G·G, D) float32 table; token r·G + c gets [sin(c·ω), cos(c·ω), sin(r·ω), cos(r·ω)], ω_k = 10000^(-4k/D).
+    The coordinates are arange(G) / scale: scale=2 is DiffFit's positional-encoding trick (§4.3), which
+    evaluates a 2G grid at (i/2, j/2) so that its even positions repeat the G table the model was trained on.
+    """
+    if embed_dim % 4:
+        raise ValueError(f"the 2-D sin-cos table needs embed_dim divisible by 4, got {embed_dim}")
+    coords = torch.arange(grid_size, dtype=torch.float64) / scale            # (G,)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")                # (G, G) each, row-major tokens
+    omega = 1.0 / 10000 ** (torch.arange(embed_dim // 4, dtype=torch.float64) / (embed_dim / 4))  # (D/4,)
+    def sincos(pos):  # (G, G) -> (G·G, D/2)
+        a = pos.reshape(-1, 1) * omega
+        return torch.cat([torch.sin(a), torch.cos(a)], dim=1)
+    # column (x) coordinate in the first half: the reference's "emb_h" is really the column (meshgrid(w, h))
+    return torch.cat([sincos(cols), sincos(rows)], dim=1).float()
+
+# -----------------------------------------------------------------------------
+# size presets (DiT paper Table 1); XL/2 is the one with published weights
+
+def DiT_XL_2(**kwargs): return DiT(depth=28, hidden_size=1152, patch_size=2, num_heads=16, **kwargs)
+def DiT_XL_4(**kwargs): return DiT(depth=28, hidden_size=1152, patch_size=4, num_heads=16, **kwargs)
+def DiT_XL_8(**kwargs): return DiT(depth=28, hidden_size=1152, patch_size=8, num_heads=16, **kwargs)
+def DiT_L_2(**kwargs): return DiT(depth=24, hidden_size=1024, patch_size=2, num_heads=16, **kwargs)
+def DiT_L_4(**kwargs): return DiT(depth=24, hidden_size=1024, patch_size=4, num_heads=16, **kwargs)
+def DiT_L_8(**kwargs): return DiT(depth=24, hidden_size=1024, patch_size=8, num_heads=16, **kwargs)
+def DiT_B_2(**kwargs): return DiT(depth=12, hidden_size=768, patch_size=2, num_heads=12, **kwargs)
+def DiT_B_4(**kwargs): return DiT(depth=12, hidden_size=768, patch_size=4, num_heads=12, **kwargs)
+def DiT_B_8(**kwargs): return DiT(depth=12, hidden_size=768, patch_size=8, num_heads=12, **kwargs)
+def DiT_S_2(**kwargs): return DiT(depth=12, hidden_size=384, patch_size=2, num_heads=6, **kwargs)
+def DiT_S_4(**kwargs): return DiT(depth=12, hidden_size=384, patch_size=4, num_heads=6, **kwargs)
+def DiT_S_8(**kwargs): return DiT(depth=12, hidden_size=384, patch_size=8, num_heads=6, **kwargs)
+
+DiT_models = {
+    "DiT-XL/2": DiT_XL_2, "DiT-XL/4": DiT_XL_4, "DiT-XL/8": DiT_XL_8,
+    "DiT-L/2": DiT_L_2, "DiT-L/4": DiT_L_4, "DiT-L/8": DiT_L_8,
+    "DiT-B/2": DiT_B_2, "DiT-B/4": DiT_B_4, "DiT-B/8": DiT_B_8,
+    "DiT-S/2": DiT_S_2, "DiT-S/4": DiT_S_4, "DiT-S/8": DiT_S_8,
+}
