@@ -4,13 +4,19 @@ parameter names of the published checkpoints, so DiT-XL-2-256x256.pt and -512x51
 Each block has empty slots for the scale factors γ of DiffFit (Xie et al. 2023, arXiv:2304.06648); they
 stay None (no parameters, no state-dict keys) until difffit.py fills them in.
 """
+import hashlib
+import http.client
+import json
 import math
 import os
 import pickle
+import sys
+import urllib.request
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
 # helpers
@@ -258,11 +264,15 @@ def load_dit_state_dict(model, state_dict, name):
     model.load_state_dict(state_dict, strict=True)
     return model
 
-def load_model(ckpt, config):
+def load_model(ckpt, config, input_size=None):
     """A DiT with its weights loaded strictly. `ckpt` is "scratch", a checkpoint written by this repo
-    ({"config", "model"}), or a published DiT state dict, which takes its architecture from `config`:
-    {"model": "DiT-XL/2", **kwargs} for a preset, or the DiT(**kwargs) arguments themselves."""
+    ({"config", "model"}), a published DiT file (downloaded if it is a name in PRETRAINED), or a state dict
+    file; those take their architecture from `config`: {"model": "DiT-XL/2", **kwargs} or DiT(**kwargs).
+    With input_size, a base trained at another resolution loads too: all but its position table must fit;
+    model.base_grid then says which grid it was trained on (for difffit's pos-embed trick)."""
     sd = None
+    if ckpt in PRETRAINED and not os.path.exists(ckpt):
+        ckpt = pretrained_file(ckpt)
     if ckpt != "scratch":
         if not os.path.exists(ckpt):
             raise FileNotFoundError(f"checkpoint {ckpt} not found: pass the path of an existing checkpoint")
@@ -272,13 +282,19 @@ def load_model(ckpt, config):
             raise ValueError(f"refusing {ckpt}: it holds pickled objects, not just tensors ({str(e).splitlines()[0][:80]})") from None
         if "config" in sd:
             config, sd = sd["config"], sd["model"]
-        elif "ema" in sd:  # a checkpoint of DiT's own train.py: sample its EMA weights, as DiT does
+        elif "ema" in sd:  # a checkpoint of DiT's own train.py: its EMA weights, as DiT samples them
             sd = sd["ema"]
+    config = dict(config, **({"input_size": input_size} if input_size else {}))
     kwargs = {k: v for k, v in config.items() if k != "model"}
     model = DiT_models[config["model"]](**kwargs) if "model" in config else DiT(**kwargs)
+    model.base_grid = model.input_size // model.patch_size
     if sd is not None:
+        pe = sd.get("pos_embed")
+        if input_size and pe is not None and pe.shape[1] != model.pos_embed.shape[1] and pe.shape[2] == model.hidden_size:
+            model.base_grid = math.isqrt(pe.shape[1])  # e.g. the 256 checkpoint (16x16 grid) for a 512 model (32x32)
+            sd = {**sd, "pos_embed": model.pos_embed.detach()}  # keep this model's own table
         load_dit_state_dict(model, sd, config.get("model", "DiT") + f" {kwargs}")
-    model.config = dict(config)  # how to rebuild it; stored next to deltas
+    model.config = config  # how to rebuild it; stored with deltas
     return model
 
 # -----------------------------------------------------------------------------
@@ -323,3 +339,257 @@ DiT_models = {
     "DiT-B/2": DiT_B_2, "DiT-B/4": DiT_B_4, "DiT-B/8": DiT_B_8,
     "DiT-S/2": DiT_S_2, "DiT-S/4": DiT_S_4, "DiT-S/8": DiT_S_8,
 }
+
+# -----------------------------------------------------------------------------
+# the VAE of Stable Diffusion, which DiT works in (stabilityai/sd-vae-ft-ema and -mse; arXiv:2112.10752)
+
+VAE_SCALE = 0.18215  # SD VAE latent scale: DiT trains on posterior samples * VAE_SCALE, decodes z / VAE_SCALE
+
+class ResnetBlock(nn.Module):
+    """Pre-norm residual block: (GroupNorm, SiLU, 3x3 conv) twice, 1x1 conv shortcut if channels change."""
+
+    def __init__(self, cin, cout, groups):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, cin, eps=1e-6)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2 = nn.GroupNorm(groups, cout, eps=1e-6)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))  # in-place is safe: GroupNorm keeps its input, not output
+        h = self.conv2(F.silu(self.norm2(h), inplace=True))
+        # add the shortcut into the fresh conv output instead of allocating a third full-size tensor
+        return h.add_(x if self.conv_shortcut is None else self.conv_shortcut(x))
+
+class VAEAttention(nn.Module):
+    """Single-head self-attention over all H*W positions, with its own GroupNorm and a residual."""
+
+    def __init__(self, c, groups):
+        super().__init__()
+        self.group_norm = nn.GroupNorm(groups, c, eps=1e-6)
+        self.to_q, self.to_k, self.to_v = nn.Linear(c, c), nn.Linear(c, c), nn.Linear(c, c)
+        self.to_out = nn.ModuleList([nn.Linear(c, c)])  # a list only so the key reads to_out.0 (diffusers had a dropout at 1)
+
+    def forward(self, x):
+        N, C, H, W = x.shape
+        h = self.group_norm(x).flatten(2).transpose(1, 2)  # (N, HW, C), already contiguous for channels-last x
+        q, k, v = (lin(h).unsqueeze(1) for lin in (self.to_q, self.to_k, self.to_v))  # (N, 1, HW, C) each
+        h = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C)) v, (N, 1, HW, C)
+        h = self.to_out[0](h.squeeze(1))  # (N, HW, C)
+        return x + h.transpose(1, 2).reshape(N, C, H, W)  # x first: the sum keeps x's memory format
+
+class MidBlock(nn.Module):
+    """The bottleneck at the lowest resolution: resnet, attention, resnet."""
+
+    def __init__(self, c, groups):
+        super().__init__()
+        self.attentions = nn.ModuleList([VAEAttention(c, groups)])  # registered first, as in diffusers' key order
+        self.resnets = nn.ModuleList([ResnetBlock(c, c, groups), ResnetBlock(c, c, groups)])
+
+    def forward(self, x):
+        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
+
+class Resample(nn.Module):
+    """2x down: stride-2 3x3 conv after padding right and bottom by one (LDM's convention); 2x up: nearest, 3x3 conv."""
+
+    def __init__(self, c, down):
+        super().__init__()
+        self.down = down
+        self.conv = nn.Conv2d(c, c, 3, stride=2, padding=0) if down else nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.down else F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+class Level(nn.Module):
+    """One resolution level: n resnets, then an optional 2x Resample (key downsamplers.0 or upsamplers.0)."""
+
+    def __init__(self, cin, cout, n, groups, down=False, up=False):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock(cin if i == 0 else cout, cout, groups) for i in range(n)])
+        if down: self.downsamplers = nn.ModuleList([Resample(cout, down=True)])
+        if up: self.upsamplers = nn.ModuleList([Resample(cout, down=False)])
+
+    def forward(self, x):
+        for layers in self.children():  # resnets, then downsamplers or upsamplers if this level has them
+            for layer in layers:
+                x = layer(x)
+        return x
+
+class Encoder(nn.Module):
+    """Image (N, cin, H, W) -> posterior moments (N, 2 * latent, H / 2^(L-1), W / 2^(L-1)) for L levels."""
+
+    def __init__(self, cin, ch, n, groups, latent):
+        super().__init__()
+        self.conv_in = nn.Conv2d(cin, ch[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList([Level(ch[max(i - 1, 0)], ch[i], n, groups, down=i < len(ch) - 1)
+                                          for i in range(len(ch))])
+        self.mid_block = MidBlock(ch[-1], groups)
+        self.conv_norm_out = nn.GroupNorm(groups, ch[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(ch[-1], 2 * latent, 3, padding=1)  # mean and log-variance
+
+    def forward(self, x):
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = block(x)
+        x = self.mid_block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x), inplace=True))
+
+class Decoder(nn.Module):
+    """Latent (N, latent, h, w) -> image (N, cout, h * 2^(L-1), w * 2^(L-1)); one more resnet per level than the encoder."""
+
+    def __init__(self, cout, ch, n, groups, latent):
+        super().__init__()
+        rch = ch[::-1]  # widest level first
+        self.conv_in = nn.Conv2d(latent, rch[0], 3, padding=1)
+        self.up_blocks = nn.ModuleList([Level(rch[max(i - 1, 0)], rch[i], n + 1, groups, up=i < len(ch) - 1)
+                                        for i in range(len(ch))])
+        self.mid_block = MidBlock(rch[0], groups)
+        self.conv_norm_out = nn.GroupNorm(groups, ch[0], eps=1e-6)
+        self.conv_out = nn.Conv2d(ch[0], cout, 3, padding=1)
+
+    def forward(self, z):
+        x = self.mid_block(self.conv_in(z))
+        for block in self.up_blocks:
+            x = block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x), inplace=True))
+
+# Precision: under torch.autocast the convs and linears run in bf16; CUDA autocast runs GroupNorm in fp32, CPU
+# autocast leaves it in bf16 (its statistics are still accumulated in fp32). encode/decode return fp32. On CPUs
+# without native bf16 (AVX2 only) bf16 convs are slow fallbacks (measured ~15x slower than fp32 channels-last,
+# ~100x contiguous), so run the VAE in fp32 there; channels-last fp32 is as fast as contiguous.
+class AutoencoderKL(nn.Module):
+    """The KL-regularised autoencoder; the defaults are the sd-vae-ft-{ema,mse} config (83.7M parameters)."""
+
+    def __init__(self, in_channels=3, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                 norm_num_groups=32, latent_channels=4):
+        super().__init__()
+        ch, n, g, lat = list(block_out_channels), layers_per_block, norm_num_groups, latent_channels
+        self.encoder = Encoder(in_channels, ch, n, g, lat)
+        self.decoder = Decoder(in_channels, ch, n, g, lat)  # images come out with as many channels as went in
+        self.quant_conv = nn.Conv2d(2 * lat, 2 * lat, 1)
+        self.post_quant_conv = nn.Conv2d(lat, lat, 1)
+
+    def encode(self, x):
+        """x (N, 3, H, W) in [-1, 1] -> UNSCALED posterior (mean, std), each (N, 4, H/8, W/8), in fp32."""
+        mean, logvar = self.quant_conv(self.encoder(x)).float().chunk(2, dim=1)
+        return mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))  # same clamp as diffusers/LDM
+
+    def decode(self, z):
+        """UNSCALED latent z (N, 4, h, w) -> image (N, 3, 8h, 8w) in about [-1, 1], in fp32 (so pass z / VAE_SCALE)."""
+        return self.decoder(self.post_quant_conv(z)).float()
+
+# safetensors dtype names -> torch dtypes (the file format is little-endian)
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+              "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+def read_safetensors(path):
+    """Read a .safetensors file into a dict of CPU tensors: u64 header size, JSON header, raw bytes."""
+    assert sys.byteorder == "little", "safetensors stores little-endian data"
+    sd = {}
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            dtype, shape, (start, end) = _ST_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
+            if end - start != math.prod(shape) * dtype.itemsize:
+                raise ValueError(f"{path}: tensor {name} has {end - start} bytes, not {math.prod(shape)} x {dtype}")
+            buf = bytearray(end - start)  # one fresh (aligned, writable) buffer per tensor, shared by the tensor
+            f.seek(8 + n + start)
+            f.readinto(buf)
+            sd[name] = (torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)).reshape(shape)
+    return sd
+
+# attention names of diffusers < 0.14 (files such as sd-vae-ft-*'s .bin still use them) -> current names
+_OLD_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+def load_vae(path, **config):
+    """AutoencoderKL(**config) with a diffusers VAE file loaded strictly: "ema" or "mse" (the published
+    sd-vae-ft-* weights, downloaded once into pretrained/), or a local .safetensors / .bin / folder."""
+    if path in ("ema", "mse"):
+        path = pretrained_file(f"sd-vae-ft-{path}.safetensors")
+    if os.path.isdir(path):
+        st = os.path.join(path, "diffusion_pytorch_model.safetensors")
+        path = st if os.path.exists(st) else os.path.join(path, "diffusion_pytorch_model.bin")
+    if path.endswith(".safetensors"):
+        sd = read_safetensors(path)
+    else:
+        try:  # weights_only: plain tensors and containers only, never arbitrary pickled code
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:  # keep torch's one useful sentence, e.g. "Unsupported global: GLOBAL os.system"
+            why = str(e).split("WeightsUnpickler error: ")[-1].split(". ")[0].strip()
+            raise ValueError(f"{path}: refused, not a plain tensor state dict ({why})") from None
+        if not isinstance(sd, dict):
+            raise ValueError(f"{path}: expected a dict of tensors, got {type(sd).__name__}")
+    # rename old attention keys and flatten attention weights stored as 1x1 convs (out, in, 1, 1) -> (out, in)
+    fixed = {}
+    for k, v in sd.items():
+        if ".attentions." in k:
+            *head, name, leaf = k.split(".")
+            k = ".".join(head + [_OLD_ATTN.get(name, name), leaf])
+            if leaf == "weight" and v.ndim > 2 and all(s == 1 for s in v.shape[2:]):
+                v = v.flatten(1)
+        fixed[k] = v
+    with torch.device("meta"):  # shapes only: skip the random init and a second copy of the weights
+        model = AutoencoderKL(**config)
+    ref = model.state_dict()
+    missing, unexpected = sorted(ref.keys() - fixed.keys()), sorted(fixed.keys() - ref.keys())
+    shape = [k for k in ref if k in fixed and fixed[k].shape != ref[k].shape]
+    if missing or unexpected or shape:
+        raise ValueError(f"{path}: not an AutoencoderKL{config or ''} state dict: {len(missing)} missing {missing[:3]}, "
+                         f"{len(unexpected)} unexpected {unexpected[:3]}, {len(shape)} with wrong shape {shape[:3]}")
+    model.load_state_dict({k: v.float() for k, v in fixed.items()}, strict=True, assign=True)  # fp32 params
+    return model.eval()
+
+# -----------------------------------------------------------------------------
+# published weights: downloaded on demand, atomically, checked by SHA-256
+
+PRETRAINED = {  # file name -> (url, SHA-256 or None where not yet recorded)
+    "DiT-XL-2-256x256.pt": ("https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt", None),
+    "DiT-XL-2-512x512.pt": ("https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-512x512.pt", None),
+    "sd-vae-ft-ema.safetensors": ("https://huggingface.co/stabilityai/sd-vae-ft-ema/resolve/main/diffusion_pytorch_model.safetensors", None),
+    "sd-vae-ft-mse.safetensors": ("https://huggingface.co/stabilityai/sd-vae-ft-mse/resolve/main/diffusion_pytorch_model.safetensors", None),
+}
+PRETRAINED_DIR = os.environ.get("DIFFFIT_PRETRAINED", "pretrained")
+
+def pretrained_file(name):
+    """Path of a published file, downloaded into PRETRAINED_DIR the first time. A hash not yet in PRETRAINED is
+    recorded next to the file (<name>.sha256) on first download, and every later download must match it."""
+    path = os.path.join(PRETRAINED_DIR, name)
+    if not os.path.exists(path):
+        url, sha = PRETRAINED[name]
+        recorded = path + ".sha256"
+        if sha is None and os.path.exists(recorded):
+            sha = open(recorded).read().strip()
+        digest = download(url, path, sha)
+        if sha is None:
+            with open(recorded, "w") as f:
+                f.write(digest + "\n")
+    return path
+
+def download(url, path, sha256=None):
+    """url -> path atomically (temp file, then rename); returns the SHA-256. sha256 may be a prefix (torch.hub names)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp, h = f"{path}.{os.getpid()}.part", hashlib.sha256()
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+            size = int(r.headers.get("Content-Length") or 0)
+            with tqdm(total=size or None, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
+                while chunk := r.read(1 << 20):
+                    f.write(chunk)
+                    h.update(chunk)
+                    bar.update(len(chunk))
+        if size and bar.n != size:  # http.client returns b"" (no error) when the server closes early
+            raise http.client.IncompleteRead(b"", size - bar.n)
+        if sha256 and not h.hexdigest().startswith(sha256.lower()):
+            raise ValueError(f"{url}: SHA-256 {h.hexdigest()[:16]}... is not the expected {sha256[:16]}...; download deleted")
+        os.replace(tmp, path)
+        return h.hexdigest()
+    except (OSError, http.client.HTTPException) as e:
+        raise FileNotFoundError(f"could not download {os.path.basename(path)} from {url} ({e.__class__.__name__}: {e}); "
+                                f"put the file at {path}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
