@@ -1,0 +1,149 @@
+"""
+DiffFit surgery, deltas, merge, pos-embed trick and the paper's parameter accounting.
+
+    python -m pytest tests/test_difffit.py
+"""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import difffit
+from models import DiT, DiT_models
+
+ROOT = __file__.rsplit("/tests/", 1)[0]
+
+def tiny(seed=0, num_classes=10, input_size=8):
+    """A small DiT with random (non-zero) weights, so every parameter matters to the output."""
+    torch.manual_seed(seed)
+    model = DiT(input_size=input_size, patch_size=2, in_channels=4, hidden_size=32, depth=4, num_heads=4, num_classes=num_classes)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name != "pos_embed":
+                p.normal_(0, 0.1)
+    return model.eval()
+
+def inputs(n=6, num_classes=10, input_size=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, input_size, input_size, generator=g)
+    t = torch.randint(0, 1000, (n,), generator=g)
+    y = torch.randint(0, num_classes + 1, (n,), generator=g)
+    return x, t, y
+
+def randomize_trained(model, seed=2):
+    """Pretend training happened: move every trained tensor (γ included) away from its start."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+def test_trainable_sets_are_exact():
+    model = tiny()
+    every = [n for n, _ in model.named_parameters()]
+    biases = [n for n in every if n.endswith(".bias")] + ["y_embedder.embedding_table.weight"]
+    expected = {
+        "full": [n for n in every if n != "pos_embed"],
+        "bitfit": biases,
+        "difffit": biases + [f"blocks.{i}.{g}" for i in (0, 1) for g in ("gamma_attn", "gamma_mlp", "attn.gamma_qkv")] + ["final_layer.gamma"],
+    }
+    for method, names in expected.items():
+        m = tiny()
+        trained = difffit.apply(m, difffit.make_spec(m, method, 10, new_labels=False))
+        assert sorted(trained) == sorted(names), method
+        assert sorted(trained) == sorted(n for n, p in m.named_parameters() if p.requires_grad)
+
+def test_gamma_placement_is_configurable():
+    m = tiny()
+    names = difffit.apply(m, difffit.make_spec(m, "difffit", 10, gamma_blocks=[3], gamma_qkv=False, gamma_final=False))
+    gammas = sorted(n for n in names if "gamma" in n)
+    assert gammas == ["blocks.3.gamma_attn", "blocks.3.gamma_mlp"]
+    with pytest.raises(ValueError, match="out of range"):
+        difffit.make_spec(m, "difffit", 10, gamma_blocks=[4])
+    with pytest.raises(ValueError, match="unknown method"):
+        difffit.make_spec(m, "lora-r3", 10)
+
+def test_difffit_is_identity_at_init():
+    base, model = tiny(), tiny()
+    difffit.apply(model, difffit.make_spec(model, "difffit", 10, new_labels=False))
+    x, t, y = inputs()
+    assert torch.equal(model(x, t, y), base(x, t, y))
+
+def test_new_classes_start_as_the_pretrained_unconditional_model():
+    base, model = tiny(), tiny()
+    difffit.apply(model, difffit.make_spec(model, "difffit", num_classes=5))
+    assert model.y_embedder.embedding_table.num_embeddings == 6 and model.num_classes == 5
+    x, t, _ = inputs()
+    y = torch.tensor([0, 1, 2, 3, 4, 5])  # 5 is the new null class
+    null = torch.full_like(y, 10)  # the base's null class
+    assert torch.equal(model(x, t, y), base(x, t, null))
+
+def test_delta_checkpoint_roundtrip(tmp_path):
+    for method in difffit.METHODS:
+        model = tiny()
+        spec = difffit.make_spec(model, method, 5)
+        difffit.apply(model, spec)
+        randomize_trained(model)
+        torch.save(difffit.make_delta(model, spec), tmp_path / "delta.pt")
+        delta = torch.load(tmp_path / "delta.pt", weights_only=True)
+        fresh = tiny()
+        difffit.load_delta(fresh, delta)
+        x, t, y = inputs(num_classes=5)
+        assert torch.equal(fresh(x, t, y), model(x, t, y)), method
+
+def test_delta_holds_only_trained_tensors():
+    model = tiny()
+    spec = difffit.make_spec(model, "difffit", 5)
+    names = difffit.apply(model, spec)
+    delta = difffit.make_delta(model, spec)
+    assert sorted(delta["params"]) == sorted(names)
+    assert sum(v.numel() for v in delta["params"].values()) < 0.1 * sum(p.numel() for p in model.parameters())
+
+def test_delta_on_wrong_base_is_refused():
+    model = tiny(seed=0)
+    spec = difffit.make_spec(model, "difffit", 5)
+    difffit.apply(model, spec)
+    delta = difffit.make_delta(model, spec)
+    with pytest.raises(ValueError, match="another base model"):
+        difffit.load_delta(tiny(seed=1), delta)
+
+def test_merge_equals_unmerged():
+    model = tiny()
+    difffit.apply(model, difffit.make_spec(model, "difffit", 5, gamma_blocks=[0, 2, 3]))
+    randomize_trained(model)
+    merged = difffit.merge(model)
+    assert not any("gamma" in k for k in merged)
+    plain = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=4, num_heads=4, num_classes=5).eval()
+    plain.load_state_dict(merged, strict=True)  # the published layout: no DiffFit code needed
+    x, t, y = inputs(num_classes=5)
+    a, b = plain(x, t, y), model(x, t, y)
+    assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+def test_pos_embed_trick_lines_up_with_the_base_grid():
+    small, big = tiny(input_size=8), tiny(input_size=16)  # 4x4 and 8x8 patch grids
+    difffit.interpolate_pos_embed(big, base_grid=4)
+    table_big = big.pos_embed[0].reshape(8, 8, -1)
+    table_small = small.pos_embed[0].reshape(4, 4, -1)
+    torch.testing.assert_close(table_big[::2, ::2], table_small, rtol=0, atol=1e-6)
+    assert not torch.allclose(table_big[1::2, 1::2], table_small)  # odd positions lie between them
+
+def test_parameter_table_matches_the_paper():
+    """DiT-XL/2 fine-tuned to 101 classes (Food-101), counted on the meta device."""
+    counts = {}
+    for method in difffit.METHODS:
+        with torch.device("meta"):
+            model = DiT_models["DiT-XL/2"]()
+        counts[method] = sum(p.numel() for n in difffit.apply(model, difffit.make_spec(model, method, 101))
+                             for p in [dict(model.named_parameters())[n]])
+    assert counts["full"] == 673_799_072  # the paper's 673.8M (pos_embed excluded)
+    assert counts["bitfit"] == 607_136  # the paper's 0.61M: 489,632 biases + the 102 x 1152 class table
+    # ours: BitFit + 14 blocks x (γ_attn 1152 + γ_mlp 1152 + γ_qkv 3456) + γ_final 32 (README explains vs 0.83M)
+    assert counts["difffit"] == 607_136 + 14 * (1152 + 1152 + 3456) + 32
+    # a delta of that size is ~2.75 MB of fp32, within the 4 MB budget
+    assert counts["difffit"] * 4 < 4e6
+
+def test_parameter_table_command_prints_the_counts():
+    out = subprocess.run([sys.executable, "difffit.py", "--model", "DiT-XL/2", "--num-classes", "101"],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "673,799,072" in out and "607,136" in out and "687,808" in out
