@@ -1,0 +1,357 @@
+"""
+FID of DiT/DiffFit samples: the TF 2015-12-05 Inception (pool3, 2048-d), statistics files, the Fréchet distance.
+FID: Heusel et al. 2017, arXiv:1706.08500; the `clean` resize: Parmar et al. 2022 (clean-fid), arXiv:2104.11222.
+
+    python fid.py samples/ --ref food101                          # a folder (or .npz) of samples vs a dataset
+    python fid.py food101 --save-stats food101_clean.npz          # cache a reference's statistics once
+    python fid.py samples.npz food101_clean.npz                   # any two of: folder, samples .npz, statistics .npz, dataset
+    python fid.py samples/ --ref toy --mode toy                   # the CPU toy: toy features, NOT comparable with published FIDs
+
+Weights: pt_inception-2015-12-05-6726825d.pth from --weights, $FID_INCEPTION_WEIGHTS, the torch.hub cache, or --download.
+"""
+import argparse
+import hashlib
+import os
+import sys
+import warnings
+
+import numpy as np
+import scipy.linalg
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from models import download
+
+# -----------------------------------------------------------------------------
+parser = argparse.ArgumentParser(description="FID between any two of: image folder, samples .npz, statistics .npz, dataset name.")
+# inputs
+parser.add_argument("inputs", nargs="+", help="one or two of: an image folder (recursive), a samples .npz (arr_0: uint8 N,H,W,3), a statistics .npz, a dataset name")
+parser.add_argument("--ref", default=None, help="the reference to score against (same kinds as the inputs), e.g. food101")
+parser.add_argument("--split", default="train", help="split of a named dataset")
+parser.add_argument("--image-size", type=int, default=256, help="resolution a named dataset is centre-cropped to (toy: 32)")
+parser.add_argument("--data-dir", default="data", help="where named datasets live (as for train.py)")
+parser.add_argument("--save-stats", default=None, metavar="OUT.npz", help="write the statistics of the one input to OUT.npz instead of scoring")
+# features
+parser.add_argument("--mode", default="clean", choices=["clean", "legacy_pytorch", "toy"], help="clean: clean-fid's antialiased resize; legacy_pytorch: exactly pytorch-fid; toy: weight-free toy features, not comparable with published FIDs")
+parser.add_argument("--weights", default=None, help="path of pt_inception-2015-12-05-6726825d.pth (default: $FID_INCEPTION_WEIGHTS, then the torch.hub cache)")
+parser.add_argument("--download", action="store_true", help="download the Inception weights if they are not found")
+parser.add_argument("--allow-mode-mismatch", action="store_true", help="compare statistics made in different modes anyway")
+# compute
+parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device of the Inception network")
+parser.add_argument("--batch-size", type=int, default=50, help="images per forward pass")
+parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader processes (decode + resize)")
+
+WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"  # torch.hub convention: 6726825d starts its SHA-256
+WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_NAME
+WEIGHTS_URL_ALT = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+# -----------------------------------------------------------------------------
+# the FID Inception: torchvision's Inception3 names (so the .pth loads strictly), TF's pooling quirks
+
+class Conv(nn.Module):
+    """conv (no bias) -> BatchNorm (TF's eps 0.001) -> ReLU, the unit every block is made of."""
+    def __init__(self, c_in, c_out, k, s=1, p=0):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, k, s, p, bias=False)
+        self.bn = nn.BatchNorm2d(c_out, eps=0.001)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+def avg_pool(x):  # TF averages over the valid pixels only: count_include_pad=False (torchvision counts the padding)
+    return F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
+
+def max_pool(x):  # Mixed_7c pools with max, a quirk of the TF graph
+    return F.max_pool2d(x, 3, 1, 1)
+
+class InceptionA(nn.Module):  # Mixed_5b/5c/5d, 35x35
+    def __init__(self, c_in, pool_features):
+        super().__init__()
+        self.branch1x1 = Conv(c_in, 64, 1)
+        self.branch5x5_1, self.branch5x5_2 = Conv(c_in, 48, 1), Conv(48, 64, 5, p=2)
+        self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3 = Conv(c_in, 64, 1), Conv(64, 96, 3, p=1), Conv(96, 96, 3, p=1)
+        self.branch_pool = Conv(c_in, pool_features, 1)
+
+    def forward(self, x):
+        return torch.cat([self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)),
+                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))), self.branch_pool(avg_pool(x))], 1)
+
+class InceptionB(nn.Module):  # Mixed_6a, 35x35 -> 17x17
+    def __init__(self, c_in):
+        super().__init__()
+        self.branch3x3 = Conv(c_in, 384, 3, s=2)
+        self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3 = Conv(c_in, 64, 1), Conv(64, 96, 3, p=1), Conv(96, 96, 3, s=2)
+
+    def forward(self, x):
+        return torch.cat([self.branch3x3(x), self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))), F.max_pool2d(x, 3, 2)], 1)
+
+class InceptionC(nn.Module):  # Mixed_6b..6e, 17x17, factorised 7x7 convs
+    def __init__(self, c_in, c7):
+        super().__init__()
+        self.branch1x1 = Conv(c_in, 192, 1)
+        self.branch7x7_1, self.branch7x7_2, self.branch7x7_3 = Conv(c_in, c7, 1), Conv(c7, c7, (1, 7), p=(0, 3)), Conv(c7, 192, (7, 1), p=(3, 0))
+        self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3 = Conv(c_in, c7, 1), Conv(c7, c7, (7, 1), p=(3, 0)), Conv(c7, c7, (1, 7), p=(0, 3))
+        self.branch7x7dbl_4, self.branch7x7dbl_5 = Conv(c7, c7, (7, 1), p=(3, 0)), Conv(c7, 192, (1, 7), p=(0, 3))
+        self.branch_pool = Conv(c_in, 192, 1)
+
+    def forward(self, x):
+        d = self.branch7x7dbl_3(self.branch7x7dbl_2(self.branch7x7dbl_1(x)))
+        return torch.cat([self.branch1x1(x), self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x))),
+                          self.branch7x7dbl_5(self.branch7x7dbl_4(d)), self.branch_pool(avg_pool(x))], 1)
+
+class InceptionD(nn.Module):  # Mixed_7a, 17x17 -> 8x8
+    def __init__(self, c_in):
+        super().__init__()
+        self.branch3x3_1, self.branch3x3_2 = Conv(c_in, 192, 1), Conv(192, 320, 3, s=2)
+        self.branch7x7x3_1, self.branch7x7x3_2 = Conv(c_in, 192, 1), Conv(192, 192, (1, 7), p=(0, 3))
+        self.branch7x7x3_3, self.branch7x7x3_4 = Conv(192, 192, (7, 1), p=(3, 0)), Conv(192, 192, 3, s=2)
+
+    def forward(self, x):
+        b = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
+        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b, F.max_pool2d(x, 3, 2)], 1)
+
+class InceptionE(nn.Module):  # Mixed_7b/7c, 8x8, split 1x3 / 3x1 convs
+    def __init__(self, c_in, pool):
+        super().__init__()
+        self.pool = pool
+        self.branch1x1 = Conv(c_in, 320, 1)
+        self.branch3x3_1, self.branch3x3_2a, self.branch3x3_2b = Conv(c_in, 384, 1), Conv(384, 384, (1, 3), p=(0, 1)), Conv(384, 384, (3, 1), p=(1, 0))
+        self.branch3x3dbl_1, self.branch3x3dbl_2 = Conv(c_in, 448, 1), Conv(448, 384, 3, p=1)
+        self.branch3x3dbl_3a, self.branch3x3dbl_3b = Conv(384, 384, (1, 3), p=(0, 1)), Conv(384, 384, (3, 1), p=(1, 0))
+        self.branch_pool = Conv(c_in, 192, 1)
+
+    def forward(self, x):
+        a, d = self.branch3x3_1(x), self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        return torch.cat([self.branch1x1(x), self.branch3x3_2a(a), self.branch3x3_2b(a),
+                          self.branch3x3dbl_3a(d), self.branch3x3dbl_3b(d), self.branch_pool(self.pool(x))], 1)
+
+class FIDInception(nn.Module):
+    """Inception-v3 as in TF's 2015-12-05 graph; forward maps a normalised (N, 3, 299, 299) batch to pool3 (N, 2048)."""
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3, self.Conv2d_2a_3x3, self.Conv2d_2b_3x3 = Conv(3, 32, 3, s=2), Conv(32, 32, 3), Conv(32, 64, 3, p=1)
+        self.Conv2d_3b_1x1, self.Conv2d_4a_3x3 = Conv(64, 80, 1), Conv(80, 192, 3)
+        self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = InceptionA(192, 32), InceptionA(256, 64), InceptionA(288, 64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b, self.Mixed_6c, self.Mixed_6d, self.Mixed_6e = (InceptionC(768, c7) for c7 in (128, 160, 160, 192))
+        self.Mixed_7a, self.Mixed_7b, self.Mixed_7c = InceptionD(768), InceptionE(1280, avg_pool), InceptionE(2048, max_pool)
+        self.fc = nn.Linear(2048, 1008)  # TF's 1008-way softmax; unused by FID, kept so the file loads strictly
+
+    def forward(self, x):
+        x = F.max_pool2d(self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x))), 3, 2)  # (N, 64, 73, 73)
+        x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), 3, 2)                     # (N, 192, 35, 35)
+        x = self.Mixed_6a(self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x))))                     # (N, 768, 17, 17)
+        x = self.Mixed_6e(self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(x))))                     # (N, 768, 17, 17)
+        x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(x)))                                    # (N, 2048, 8, 8)
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)                                         # (N, 2048) pool3
+
+def load_inception(weights=None, download_ok=False, device="cpu"):
+    """The FID Inception with the 2015-12-05 weights from: weights, else $FID_INCEPTION_WEIGHTS, else the torch.hub cache (pytorch-fid's)."""
+    path = weights or os.environ.get("FID_INCEPTION_WEIGHTS") or os.path.join(torch.hub.get_dir(), "checkpoints", WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        if not download_ok:
+            raise FileNotFoundError(f"FID Inception weights not found at {path}: download {WEIGHTS_URL} (or {WEIGHTS_URL_ALT}) "
+                               f"there, or pass --weights / set $FID_INCEPTION_WEIGHTS, or use --download")
+        download(WEIGHTS_URL, path, sha256="6726825d")
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    if not digest.startswith("6726825d"):
+        warnings.warn(f"{path} has SHA-256 {digest[:8]}..., not 6726825d...: not the standard FID weights, FIDs are not comparable")
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    net = FIDInception()  # a plain dict without num_batches_tracked loads strictly (BatchNorm fills them in)
+    net.load_state_dict({k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}, strict=True)
+    net.weights = f"{os.path.basename(path)} sha256:{digest[:16]}"  # recorded in statistics files
+    return net.eval().requires_grad_(False).to(device)
+
+# -----------------------------------------------------------------------------
+# toy features: a weight-free stand-in for the 32x32 toy data, NOT comparable with published FIDs. Measured on train.py's
+# toy data: two draws of one class 0.003, a texture swap 8x that, a shape swap 16x; toy vs toy-source domain 21.
+
+def toy_features(images):
+    """uint8 (N, H, W, 3) -> (N, 70) float64 toy features, NOT comparable with published FIDs: per-channel mean and std
+    (colour) and the spatial mean and std of the 16 channels of both layers of a fixed random conv net (texture, shape)."""
+    g = torch.Generator().manual_seed(0)  # fixed weights: the same features on every machine and run
+    ws = [torch.randn(16, c_in, 3, 3, generator=g) * (2 / (9 * c_in)) ** 0.5 for c_in in (3, 16)]  # He init keeps the scale
+    out = []
+    for i in range(0, len(images), 256):                       # chunks keep the activations small
+        x = torch.tensor(np.asarray(images[i:i + 256])).permute(0, 3, 1, 2).float() / 127.5 - 1  # (n, 3, H, W) in [-1, 1]
+        feats = [x.mean((2, 3)), x.std((2, 3))]
+        for w in ws:
+            x = F.relu(F.conv2d(x, w, padding=1))                # (n, 16, H, W), then (n, 16, H/2, W/2)
+            feats += [x.mean((2, 3)), x.std((2, 3))]
+            x = F.avg_pool2d(x, 2)
+        out.append(torch.cat(feats, 1).double().numpy())
+    return np.concatenate(out)
+
+# -----------------------------------------------------------------------------
+# images -> features
+
+def preprocess(img, mode):
+    """uint8 (H, W, 3) -> the network's input: (3, 299, 299) float32 normalised as the mode prescribes (toy: unchanged)."""
+    if mode == "clean":  # clean-fid: each channel a float32 PIL image, bicubic (antialiased) to 299, clipped, not re-quantised
+        x = np.stack([np.asarray(Image.fromarray(img[..., c].astype(np.float32), "F").resize((299, 299), Image.BICUBIC)) for c in range(3)])
+        return (torch.from_numpy(x).clamp(0, 255) - 128) / 128
+    x = torch.from_numpy(np.array(img))  # a copy: decoded images are read-only
+    if mode == "toy":
+        return x
+    x = x.permute(2, 0, 1)[None].float() / 255  # legacy_pytorch: pytorch-fid's ops (bilinear, no antialias, then 2x - 1)
+    return 2 * F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)[0] - 1
+
+class Images(torch.utils.data.Dataset):
+    """Network inputs from image files, a uint8 (N, H, W, 3) array, or a dataset of (x in [-1, 1], label)."""
+    def __init__(self, items, mode):
+        self.items, self.mode = items, mode
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        item = self.items[i]
+        if isinstance(item, str):
+            img = np.asarray(Image.open(item).convert("RGB"))
+        elif isinstance(item, (tuple, list)):  # (image (3, H, W), label) from prepare.open_dataset
+            x = item[0]
+            if x.is_floating_point():  # in [-1, 1]: quantised as DiT saves its samples (the cast truncates: +128 rounds)
+                x = (127.5 * x + 128).clamp(0, 255).to(torch.uint8)
+            img = x.permute(1, 2, 0).numpy()
+        else:
+            img = np.asarray(item)
+        return preprocess(img, self.mode)
+
+@torch.inference_mode()
+def get_features(images, mode, net=None, batch_size=50, num_workers=0, device="cpu"):
+    """Features (N, d) float64 of any of the sources Images takes, in batches on device."""
+    loader = torch.utils.data.DataLoader(Images(images, mode), batch_size=batch_size, num_workers=num_workers)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # TF32 shifts features by ~1e-3
+    try:
+        return np.concatenate([toy_features(x) if mode == "toy" else net(x.to(device)).cpu().double().numpy()
+                               for x in tqdm(loader, desc=f"features ({mode}, {len(loader.dataset)} images)", unit="batch")])
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+def image_files(folder):
+    """Image files under folder, recursively, any case of extension (.JPEG too), sorted."""
+    return sorted(os.path.join(r, f) for r, _, fs in os.walk(folder) for f in fs if os.path.splitext(f)[1].lower() in IMAGE_EXTS)
+
+# -----------------------------------------------------------------------------
+# statistics and the Fréchet distance
+
+def statistics(features):
+    """(mu, sigma) in float64, as pytorch-fid computes them (unbiased covariance)."""
+    features = np.asarray(features, dtype=np.float64)
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+def save_stats(path, mu, sigma, **meta):
+    """mu, sigma (float64) + metadata as 0-d arrays: an .npz pytorch-fid reads too. Never overwrites."""
+    if os.path.exists(path):
+        raise ValueError(f"{path} exists; not overwriting it")
+    np.savez_compressed(path, mu=np.float64(mu), sigma=np.float64(sigma), **{k: np.array(v) for k, v in meta.items()})
+
+def load_stats(path):
+    """(mu, sigma, meta) of a statistics .npz; files without a mode (pytorch-fid's, ADM's) get an assumed one."""
+    with np.load(path) as f:
+        meta = {k: f[k].item() for k in f.files if k != "arr_0" and f[k].ndim == 0}  # ADM files also hold arr_0, mu_s, sigma_s
+        mu, sigma = f["mu"], f["sigma"]
+        if "mode" not in meta:
+            meta["mode"] = "legacy_tensorflow" if "arr_0" in f.files else "legacy_pytorch"
+            warnings.warn(f"{path} records no mode; assuming {meta['mode']} ({'ADM' if 'arr_0' in f.files else 'pytorch-fid'} file)")
+    return mu, sigma, meta
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """|mu1 - mu2|^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^1/2) in float64, with TTUR's safeguards and an eigh cross-check."""
+    mu1, mu2, s1, s2 = (np.asarray(a, dtype=np.float64) for a in (mu1, mu2, sigma1, sigma2))
+    assert mu1.shape == mu2.shape and s1.shape == s2.shape == (len(mu1), len(mu1)), "statistics of different feature sizes"
+    covmean = scipy.linalg.sqrtm(s1 @ s2)  # no disp=False (deprecated since scipy 1.16): one array returned
+    if not np.isfinite(covmean).all():  # singular product: regularise both covariances, as TTUR does
+        warnings.warn(f"sqrtm(S1 S2) is not finite; adding {eps} * I to both covariances")
+        s1, s2 = s1 + eps * np.eye(len(mu1)), s2 + eps * np.eye(len(mu1))
+        covmean = scipy.linalg.sqrtm(s1 @ s2)
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"imaginary component {np.abs(np.diagonal(covmean).imag).max():.3g} in sqrtm(S1 S2): too few samples?")
+        covmean = covmean.real
+    diff = mu1 - mu2
+    fid = float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+    # cross-check: Tr (S1 S2)^1/2 = sum sqrt(eig(S1^1/2 S2 S1^1/2)), symmetric, so eigh works (guards against sqrtm regressions)
+    lam, v = np.linalg.eigh(s1)
+    r = (v * np.sqrt(lam.clip(0))) @ v.T
+    tr = np.sqrt(np.linalg.eigvalsh(r @ s2 @ r).clip(0)).sum()
+    if abs(fid - float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr)) > 1e-4 * max(abs(fid), 1):
+        warnings.warn(f"sqrtm and eigh disagree on Tr((S1 S2)^1/2): {np.trace(covmean):.6g} vs {tr:.6g}; check your scipy (>= 1.13)")
+    return fid
+
+def compare(stats1, stats2, allow_mode_mismatch=False):
+    """FID between two (mu, sigma, meta): refuses different modes, warns about singular covariances."""
+    (mu1, s1, m1), (mu2, s2, m2) = stats1, stats2
+    if m1["mode"] != m2["mode"] and not allow_mode_mismatch:
+        raise ValueError(f"mode mismatch: {m1['mode']} vs {m2['mode']}; FIDs of different protocols are not comparable (--allow-mode-mismatch to force)")
+    for m in (m1, m2):
+        if m.get("num_images", np.inf) <= len(mu1):
+            warnings.warn(f"{m['num_images']} samples <= {len(mu1)} feature dims: the covariance is singular and the FID unreliable (use >= 10k; 50k is standard)")
+    return frechet_distance(mu1, s1, mu2, s2)
+
+# -----------------------------------------------------------------------------
+
+def images_of(src, args):
+    """What the images of src are: a file list, a (memory-mapped) array, or a dataset; None for a statistics file."""
+    if os.path.isfile(src) and src.endswith(".npz"):
+        with np.load(src) as f:
+            if "mu" in f.files:
+                return None
+            images = f["arr_0"] if "arr_0" in f.files else None  # in memory (50k x 256^2 x 3 = 9.8 GB; else pass the PNG folder)
+        if images is None or images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise ValueError(f"{src}: holds neither statistics (mu, sigma) nor samples (arr_0: uint8 N,H,W,3)")
+        return images
+    if os.path.isdir(src):
+        files = image_files(src)
+        if not files:
+            raise FileNotFoundError(f"no images under {src}")
+        return files
+    if os.path.exists(src) or os.sep in src:
+        raise ValueError(f"{src}: not an image folder, a .npz or a dataset name")
+    from prepare import open_dataset  # lazy: only named datasets need it
+    return open_dataset(src, args.data_dir, args.split, args.image_size)  # (uint8 (3, S, S) centre crop, label) items
+
+def main(args):
+    # Inputs: one (to save its statistics) or two (to score)
+    srcs = args.inputs + ([args.ref] if args.ref else [])
+    if len(srcs) != (1 if args.save_stats else 2):
+        raise ValueError(f"need {'one input with --save-stats' if args.save_stats else 'two inputs (or one and --ref)'}, got {len(srcs)}")
+    if args.save_stats and os.path.exists(args.save_stats):
+        raise ValueError(f"{args.save_stats} exists; not overwriting it")
+    images = [images_of(s, args) for s in srcs]
+    if args.mode == "toy":
+        print("toy features: NOT comparable with published FIDs")
+
+    # Statistics: read the files, compute the rest (the network is loaded only if needed)
+    net = load_inception(args.weights, args.download, args.device) if args.mode != "toy" and any(i is not None for i in images) else None
+    stats = []
+    for src, imgs in zip(srcs, images):
+        if imgs is None:
+            stats.append(load_stats(src))
+            continue
+        feats = get_features(imgs, args.mode, net, args.batch_size, args.num_workers, args.device)
+        meta = dict(mode=args.mode, num_images=len(feats), source=os.path.abspath(src) if os.path.exists(src) else f"{src} ({args.split})",
+                    weights=net.weights if net else "toy features (no weights)")
+        stats.append((*statistics(feats), meta))
+        print(f"{src}: {len(feats)} images")
+
+    # Save or score
+    if args.save_stats:
+        save_stats(args.save_stats, *stats[0][:2], **stats[0][2])
+        print(f"wrote {args.save_stats} (mode {args.mode}, N = {stats[0][2]['num_images']})")
+        return
+    fid = compare(*stats, allow_mode_mismatch=args.allow_mode_mismatch)
+    n1, n2 = (m.get("num_images", "?") for _, _, m in stats)
+    print(f"FID {fid:.4f}  (N = {n1} vs {n2}, mode {stats[0][2]['mode']})")
+
+if __name__ == "__main__":
+    try:
+        main(parser.parse_args())
+    except (ValueError, FileNotFoundError) as e:  # bad input: one line, exit code 1
+        sys.exit(f"error: {e}")
