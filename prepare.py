@@ -1,0 +1,362 @@
+"""
+Datasets and the VAE latent cache: the toy domains of the offline default, the paper's eight datasets, ImageNet or
+any image folder, read with the reference
+(ADM) centre crop, and encoded once into a memory-mapped cache of VAE posteriors that training samples from.
+DiffFit: Xie et al. 2023, arXiv:2304.06648. DiT: Peebles & Xie 2022, arXiv:2212.09748.
+
+    torchrun --nproc_per_node=8 prepare.py --data food101 --download   # fetch Food-101, encode its train split on 8 GPUs
+    python prepare.py --data cub200                                     # one GPU (CPU works too: ~1 image/s at 256 px)
+    python prepare.py --data path/to/folder --image-size 256            # any folder of <class>/<image> (cache in data/<folder>/)
+
+torchvision fetches food101, sun397, caltech101 and flowers102 (--download). The others are image folders
+<data-dir>/<name>/<split>/<class>/<image> that you make once (the cache never reads them again):
+    cub200      CUB_200_2011.tgz (https://data.caltech.edu/records/65de6-vp158), split by train_test_split.txt:
+                  cd data && tar xzf CUB_200_2011.tgz && paste -d' ' CUB_200_2011/images.txt CUB_200_2011/train_test_split.txt |
+                  while read i f j t; do s=test; [ $t = 1 ] && s=train; mkdir -p cub200/$s/${f%/*}; ln -s $PWD/CUB_200_2011/images/$f cub200/$s/$f; done
+    artbench10  the 256x256 "a-la-ImageFolder" release (github.com/liaopeiyuan/artbench): its train/ and test/ into data/artbench10/
+    df20m       DF20M-images.tar.gz and DF20M-metadata.zip (sites.google.com/view/danish-fungi-dataset): link each DF20M/<image_path>
+                into data/df20m/{train,test}/<scientificName>/ following DF20M-{train,public_test}_metadata_PROD.csv
+    imagenet    ILSVRC2012_img_train.tar unpacked to data/imagenet/train/<wnid>/ (sorted wnids = the standard class indices)
+    stanford_cars  torchvision's layout, from a mirror (its original URL is dead): see DATASETS below
+"""
+import argparse
+import glob
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torchvision
+from PIL import Image
+from tqdm import tqdm
+
+# -----------------------------------------------------------------------------
+parser = argparse.ArgumentParser(description="Encode a dataset once into a memory-mapped VAE latent cache (python or torchrun).")
+# data
+parser.add_argument("--data", default="food101", help="a name in DATASETS or the path of an image folder <class>/<image>")
+parser.add_argument("--data-dir", default="data", help="datasets live in <data-dir>/<name>/, and so do their caches")
+parser.add_argument("--split", default="train", help="which split to encode")
+parser.add_argument("--image-size", type=int, default=256, choices=[256, 512], help="centre-crop resolution (paper: 256)")
+parser.add_argument("--download", action="store_true", help="let torchvision download the dataset if it is missing")
+# model
+parser.add_argument("--vae", default="ema", help="VAE given to models.load_vae (DiT: sd-vae-ft-ema; the encoders of ema and mse are the same)")
+# encoding
+parser.add_argument("--batch-size", type=int, default=32, help="images per VAE call per rank (each is encoded twice: as is and flipped)")
+parser.add_argument("--num-workers", type=int, default=4, help="image-decoding worker processes per rank")
+
+# -----------------------------------------------------------------------------
+# datasets: one literal dict of facts
+
+DATASETS = {
+    # tv: the torchvision class, reading <data-dir>/<name>/ with splits {ours: its split argument}; None means torchvision has
+    # no split, so "train" is every image (the paper does not say which images it used). Without tv: an image folder
+    # <data-dir>/<name>/<split>/. how: what to do when it is missing.
+    "food101":       dict(classes=101, tv="Food101", splits={"train": "train", "test": "test"}, how="pass --download (5 GB from ETH Zurich)"),
+    "sun397":        dict(classes=397, tv="SUN397", splits={"train": None}, how="pass --download (from vision.princeton.edu)"),
+    "caltech101":    dict(classes=101, tv="Caltech101", splits={"train": None}, how="pass --download (from data.caltech.edu)"),
+    "flowers102":    dict(classes=102, tv="Flowers102", splits={"train": "train", "val": "val", "test": "test"}, how="pass --download (from robots.ox.ac.uk)"),
+    "stanford_cars": dict(classes=196, tv="StanfordCars", splits={"train": "train", "test": "test"},
+                          how="torchvision cannot download it (the Stanford URL is dead): put cars_train/, cars_test/, devkit/ and cars_test_annos_withlabels.mat from a mirror (e.g. Kaggle) into <data-dir>/stanford_cars/stanford_cars/"),
+    "cub200":        dict(classes=200, how="make it from CUB_200_2011.tgz and its train_test_split.txt as the top of prepare.py shows"),
+    "artbench10":    dict(classes=10, how="unpack the ArtBench-10 256x256 ImageFolder release there (see the top of prepare.py)"),
+    # DF20-Mini: 182 classes = distinct class_id/scientificName in the DF20M metadata; the dataset authors' DF20M models have 182
+    # outputs (huggingface.co/BVRA/legacy_seresnext101_32x4d.in1k_ft_df20m_299). Keeping only rows with a `species` value gives 179.
+    "df20m":         dict(classes=182, how="link the DF20M images into class folders by the metadata CSVs (see the top of prepare.py)"),
+    "imagenet":      dict(classes=1000, imagenet_labels=True, how="unpack ILSVRC2012 into <class wnid>/ folders (see the top of prepare.py)"),
+    # the offline default: 32x32 RGB drawn by make_toy below, in memory, pixel space (no VAE)
+    "toy":           dict(classes=8, toy=True, size=32, how="generated on the fly"),  # the target domain
+    "toy-source":    dict(classes=8, toy=True, size=32, how="generated on the fly"),  # what assets/toy_base.pt learned
+}
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")  # matched case-insensitively
+VAE_SCALE = 0.18215  # SD VAE latent scale: DiT trains on posterior samples * 0.18215
+CROP_VERSION = "adm-center-crop-1"  # bump when the pixels fed to the VAE change: every cache becomes stale
+FORMAT = "float16 (N, flip, mean|std, 4, S/8, S/8) v1"
+
+# -----------------------------------------------------------------------------
+# images
+
+def center_crop_arr(pil_image, image_size):
+    """ADM/DiT centre crop: halve with BOX while the short side is >= 2x the size, BICUBIC-resize the short side to
+    the size (the other side to round(x * scale)), then crop the centre at offset (dim - size) // 2."""
+    while min(pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    left, top = (pil_image.width - image_size) // 2, (pil_image.height - image_size) // 2
+    return pil_image.crop((left, top, left + image_size, top + image_size))
+
+_reported = set()  # unreadable paths this process has already printed
+
+class ImageDataset(torch.utils.data.Dataset):
+    """(path, label) pairs -> (uint8 (3, S, S) centre crop, label), or None for an unreadable image (reported once)."""
+
+    def __init__(self, samples, classes, image_size, root):
+        self.samples, self.classes, self.image_size, self.root = samples, classes, image_size, root
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        try:
+            with Image.open(path) as f:
+                img = center_crop_arr(f.convert("RGB"), self.image_size)  # convert() decodes, so truncated files fail here
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            if path not in _reported:
+                _reported.add(path)
+                print(f"warning: skipping unreadable image {path}: {e}", file=sys.stderr, flush=True)
+            return None
+        return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous(), label
+
+def collate(batch):
+    """DataLoader collate_fn for open_dataset: drops unreadable images -> uint8 (B, 3, S, S), labels (B,)."""
+    batch = [b for b in batch if b is not None]
+    return torch.stack([b[0] for b in batch]) if batch else torch.zeros(0, 3, 0, 0, dtype=torch.uint8), torch.tensor([b[1] for b in batch], dtype=torch.long)
+
+def read_folder(folder):
+    """An image folder: classes = sorted sub-folders (hidden ones skipped), images found recursively inside each."""
+    classes = sorted(d.name for d in os.scandir(folder) if d.is_dir() and not d.name.startswith("."))
+    samples = [(os.path.join(dirpath, f), y) for y, c in enumerate(classes) for dirpath, _, files in os.walk(os.path.join(folder, c), followlinks=True)
+               for f in files if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+    if not samples:
+        raise FileNotFoundError(f"{folder}: no images in <class>/ sub-folders (extensions {', '.join(IMAGE_EXTENSIONS)})")
+    return samples, classes
+
+def dataset_dir(name, root):
+    """Where a dataset and its caches live: <root>/<name>, or <root>/<folder name> for a path (caches only)."""
+    return os.path.join(root, name if name in DATASETS else os.path.basename(os.path.normpath(name)))
+
+def open_dataset(name, root, split="train", image_size=256, download=False):
+    """A Dataset of (uint8 (3, S, S) centre crop, label), unflipped (training flips), sorted by path."""
+    info = DATASETS.get(name)
+    if info is not None and info.get("toy"):
+        images, labels = load_toy(name, split)
+        return torch.utils.data.TensorDataset(images.permute(0, 3, 1, 2), labels)
+    if info is None and not os.path.isdir(name):
+        raise FileNotFoundError(f"{name!r} is neither a dataset ({', '.join(DATASETS)}) nor an image folder")
+    if info is None:  # a path: the folder itself, whatever the split
+        base = os.path.normpath(name)
+        samples, classes = read_folder(base)
+    elif "tv" in info:
+        if split not in info["splits"]:
+            raise ValueError(f"{name} has no split {split!r}: choose one of {', '.join(info['splits'])}")
+        base = dataset_dir(name, root)
+        kw = {} if info["splits"][split] is None else dict(split=info["splits"][split])
+        try:
+            ds = getattr(torchvision.datasets, info["tv"])(base, download=download, **({} if info["tv"] == "Caltech101" else dict(loader=str)), **kw)
+        except (RuntimeError, ValueError):  # torchvision's "Dataset not found", StanfordCars' "cannot be downloaded"
+            raise FileNotFoundError(f"{name} is not in {base}: {info['how']}") from None
+        if info["tv"] == "Caltech101":  # no loader argument; its files are <category>/image_<k:04d>.jpg
+            classes = ds.categories
+            samples = [(os.path.join(ds.root, "101_ObjectCategories", classes[y], f"image_{k:04d}.jpg"), y) for k, y in zip(ds.index, ds.y)]
+        else:  # with loader=str (torchvision >= 0.22), ds[i] is (path, label) and no image is opened
+            classes, samples = ds.classes, [ds[i] for i in range(len(ds))]
+    else:
+        base = os.path.join(dataset_dir(name, root), split)
+        if not os.path.isdir(base):
+            raise FileNotFoundError(f"{name}: no image folder {base}/<class>/: {info['how']}")
+        samples, classes = read_folder(base)
+    if info is not None and len(classes) != info["classes"]:
+        raise ValueError(f"{name}: found {len(classes)} classes under {base}, expected {info['classes']}: is it prepared as the top of prepare.py says?")
+    return ImageDataset(sorted((str(p), int(y)) for p, y in samples), list(classes), image_size, base)
+
+# -----------------------------------------------------------------------------
+# the toy domain: class-conditional 32x32 RGB images drawn procedurally, offline, in a second
+
+def make_toy(variant, n_per_class, seed=0):
+    """uint8 images (N, 32, 32, 3) and labels (N,) of the 'source' or the 'target' domain (8 classes each).
+
+    source: a flat cool-coloured shape (disk, square, triangle, ring) or a texture (stripes, checker,
+    ripples, dots) on a light background. target: a shape filled with a texture (4 shapes x stripes or
+    checker), warm colours on a dark background: new classes, new look, parts the source model knows."""
+    g = torch.Generator().manual_seed(2 * seed + (variant == "target"))
+    u = lambda *shape: torch.rand(*shape, generator=g)
+    n = 8 * n_per_class
+    y = torch.arange(8).repeat_interleave(n_per_class)
+    yy, xx = torch.meshgrid(torch.arange(32.0) + 0.5, torch.arange(32.0) + 0.5, indexing="ij")
+    cy, cx, s = 10 + 12 * u(n, 1, 1), 10 + 12 * u(n, 1, 1), 6 + 4 * u(n, 1, 1)  # centre and size
+    th, f = math.pi * u(n, 1, 1), 2 * math.pi / (4 + 3 * u(n, 1, 1))            # angle and frequency
+    dy, dx = yy - cy, xx - cx                                                   # (n, 32, 32)
+    ry, rx = dy * th.cos() - dx * th.sin(), dy * th.sin() + dx * th.cos()       # rotated frame
+    radius = (dy**2 + dx**2).sqrt()
+    shapes = torch.stack([radius - s,                                           # signed distance, < 0 inside
+                          torch.maximum(rx.abs(), ry.abs()) - 0.8 * s,
+                          torch.maximum(ry - s / 2, 1.7 * rx.abs() - ry - s),
+                          (radius - s).abs() - 2])
+    textures = torch.stack([(f * rx).sin(), (f * rx).sin() * (f * ry).sin(),    # > 0 where the ink is
+                            (f * radius).sin(), (f * rx).cos() + (f * ry).cos() - 1])
+    i = torch.arange(n)
+    if variant == "source":
+        ink = torch.where((y < 4)[:, None, None], torch.sigmoid(-2 * shapes[y % 4, i]), torch.sigmoid(4 * textures[y % 4, i]))
+        fg = torch.stack([0.3 * u(n), 0.2 + 0.5 * u(n), 0.5 + 0.5 * u(n)], -1)  # blue..green
+        bg = (0.8 + 0.2 * u(n, 1)).expand(n, 3)                                  # light grey
+    else:
+        ink = torch.sigmoid(-2 * shapes[y // 2, i]) * torch.sigmoid(4 * textures[y % 2, i])
+        fg = torch.stack([0.7 + 0.3 * u(n), 0.2 + 0.5 * u(n), 0.1 * u(n)], -1)  # red..yellow
+        bg = 0.05 + 0.2 * u(n, 3)                                                # dark
+    img = ink[..., None] * fg[:, None, None] + (1 - ink[..., None]) * bg[:, None, None]
+    img = img + 0.02 * torch.randn(n, 32, 32, 3, generator=g)
+    return (img.clamp(0, 1) * 255).round().to(torch.uint8), y
+
+def load_toy(name, split="train"):
+    """The toy datasets in memory: uint8 images (N, 32, 32, 3) and labels (N,); 1000 (train) or 250 (test) per class."""
+    n, seed = (1000, 0) if split == "train" else (250, 1)
+    return make_toy("target" if name == "toy" else "source", n, seed)
+
+# -----------------------------------------------------------------------------
+# the latent cache: <dir>/cache-<split>-<S>-<vae>.{npy,labels.npy,json}
+# Storage is float16: it halves the disk/page cache of fp32 (Food-101 at 256 px: 2.5 GB instead of 5) and its error is
+# small next to the smallest noise the diffusion adds (sqrt(1 - alpha_bar_0) = 0.01): measured on N(0, 5.49^2) values (the unscaled
+# SD latent scale) it is 2.1e-4 RMS, 1.4e-3 max after x0.18215, and 4.9e-4 relative on the std. bfloat16 is 8x worse.
+
+def cache_base(name, root, split, image_size, vae_name):
+    vae = "".join(c if c.isalnum() or c in "-_." else "_" for c in os.path.basename(os.path.normpath(vae_name)))
+    return os.path.join(dataset_dir(name, root), f"cache-{split}-{image_size}-{vae}")
+
+def fingerprint(name, split, image_size, vae_name):
+    """What a cache must have been made from; open_cache refuses one whose fingerprint differs."""
+    return dict(dataset=name if name in DATASETS else os.path.abspath(name), split=split, image_size=image_size,
+                vae=vae_name, crop=CROP_VERSION, format=FORMAT)
+
+def _atomic_write(path, write):
+    """write(f) to a temp file, fsync, rename: readers see the old file or the whole new one, never half of one."""
+    with open(path + ".tmp", "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+def _encode_chunks(ds, chunks, parts, vae, batch_size, device, num_workers, show):
+    """Encode the chunks [a, b) of ds that parts/ lacks; each is written (latents and kept indices) once it is complete."""
+    todo = [(a, b) for a, b in chunks if not os.path.exists(f"{parts}/{a:09d}-{b:09d}.npz")]
+    if not todo:
+        return
+    batches = [(a, b, list(range(i, min(i + batch_size, b)))) for a, b in todo for i in range(a, b, batch_size)]
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=[idx for _, _, idx in batches], num_workers=num_workers, collate_fn=list)
+    h = ds.image_size // 8
+    lat, kept = [np.zeros((0, 2, 2, 4, h, h), np.float16)], []
+    for (a, b, idx), items in tqdm(zip(batches, loader), total=len(batches), disable=not show, desc="encode"):
+        good = [(i, item[0]) for i, item in zip(idx, items) if item is not None]  # unreadable images are None
+        if good:
+            kept += [i for i, _ in good]
+            x = torch.stack([x for _, x in good]).to(device).float().div(127.5).sub(1)  # uint8 -> [-1, 1], as ToTensor + Normalize(0.5, 0.5)
+            with torch.inference_mode():
+                mean, std = vae.encode(torch.cat([x, x.flip(3)]))  # both flips in one call: (2B, 4, h, w) each
+            z = torch.stack([mean, std], 1).float().unflatten(0, (2, len(x))).transpose(0, 1)  # (B, flip, mean|std, 4, h, w)
+            lat.append(z.cpu().numpy().astype(np.float16))
+        if idx[-1] == b - 1:  # the chunk is complete: write it, and it is never encoded again
+            arrays = dict(lat=np.concatenate(lat), idx=np.array(kept, np.int64))
+            _atomic_write(f"{parts}/{a:09d}-{b:09d}.npz", lambda f: np.savez(f, **arrays))
+            lat, kept = lat[:1], []
+
+def encode_cache(name, root, split, image_size, vae, vae_name, batch_size=32, rank=0, world=1, device="cpu", chunk_size=1024, num_workers=0):
+    """Encode a split into <dir>/cache-<split>-<S>-<vae>.npy once and return that path. vae.encode(x in [-1, 1]) returns
+    the unscaled posterior (mean, std). Rank r encodes chunks r, r + world, ...; rank 0 finishes (after a barrier when
+    torch.distributed is initialised; without it, call the other ranks first). An interrupted run resumes chunk-wise."""
+    assert image_size % 8 == 0, "the VAE downsamples by 8"
+    ds = open_dataset(name, root, split, image_size)
+    base, fp = cache_base(name, root, split, image_size, vae_name), fingerprint(name, split, image_size, vae_name)
+    listing = "\n".join(f"{os.path.relpath(p, ds.root)}\t{y}" for p, y in ds.samples)  # the images it is made of
+    fp["listing"] = hashlib.sha1(listing.encode()).hexdigest()
+    if os.path.exists(base + ".json"):
+        with open(base + ".json") as f:
+            old = json.load(f)
+        if {k: old.get(k) for k in fp} == fp:
+            return base + ".npy"  # done already
+        if rank == 0:
+            print(f"{base}.npy is stale (made from other images or settings): encoding again", flush=True)
+    parts = f"{base}.parts-{hashlib.sha1(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:10]}"  # new fingerprint, fresh start
+    os.makedirs(parts, exist_ok=True)
+    chunks = [(a, min(a + chunk_size, len(ds))) for a in range(0, len(ds), chunk_size)]
+    _encode_chunks(ds, chunks[rank::world], parts, vae, batch_size, device, num_workers, rank == 0)
+    ddp = dist.is_available() and dist.is_initialized()
+    if ddp:
+        dist.barrier()
+    if rank == 0:  # finish: any chunk still missing (none under torchrun), then one array, its labels, and the json last
+        _encode_chunks(ds, chunks, parts, vae, batch_size, device, num_workers, True)
+        if os.path.exists(base + ".json"):
+            os.remove(base + ".json")  # while the files are replaced, the cache is absent rather than mixed
+        files = [np.load(f"{parts}/{a:09d}-{b:09d}.npz") for a, b in chunks]
+        idx = np.concatenate([f["idx"] for f in files])
+        def write_latents(out):  # a .npy header, then the chunks' bytes in order
+            header = dict(descr=np.dtype(np.float16).str, fortran_order=False, shape=(len(idx), 2, 2, 4, image_size // 8, image_size // 8))
+            np.lib.format.write_array_header_1_0(out, header)
+            for f in files:
+                out.write(f["lat"].tobytes())
+        _atomic_write(base + ".npy", write_latents)
+        _atomic_write(base + ".labels.npy", lambda out: np.save(out, np.array([ds.samples[i][1] for i in idx], np.int64)))
+        skipped = [os.path.relpath(ds.samples[i][0], ds.root) for i in sorted(set(range(len(ds))) - set(idx.tolist()))]
+        meta = dict(fp, images=len(ds), n=len(idx), skipped=skipped, classes=ds.classes)
+        _atomic_write(base + ".json", lambda out: out.write(json.dumps(meta, indent=1).encode()))
+        for d in glob.glob(base + ".parts-*"):
+            shutil.rmtree(d, ignore_errors=True)
+        print(f"{base}.npy: {len(idx)} images ({len(skipped)} unreadable skipped{', listed above and in the .json' if skipped else ''})", flush=True)
+    if ddp:
+        dist.barrier()
+    return base + ".npy"
+
+def open_cache(name, root, split, image_size, vae_name):
+    """The cache as memory maps: mean and std (N, 2, 4, S/8, S/8) (index 1 = flipped image), labels (N,), and its json."""
+    base = cache_base(name, root, split, image_size, vae_name)
+    if not os.path.exists(base + ".json"):
+        raise FileNotFoundError(f"no latent cache for {name} ({split}, {image_size} px, vae {vae_name}) at {base}.npy: "
+                                f"run `torchrun --nproc_per_node=8 prepare.py --data {name} --split {split} --image-size {image_size} --vae {vae_name}` first")
+    with open(base + ".json") as f:
+        meta = json.load(f)
+    want = fingerprint(name, split, image_size, vae_name)
+    if {k: meta.get(k) for k in want} != want:
+        diff = ", ".join(f"{k}: {meta.get(k)!r} (want {v!r})" for k, v in want.items() if meta.get(k) != v)
+        raise ValueError(f"stale latent cache {base}.npy ({diff}): delete it and run prepare.py again")
+    latents = np.load(base + ".npy", mmap_mode="r")  # (N, flip, mean|std, 4, h, w)
+    return dict(latents=latents, mean=latents[:, :, 0], std=latents[:, :, 1], labels=np.load(base + ".labels.npy"), meta=meta)
+
+def sample_latents(cache, idx, generator=None):
+    """The training-time draw for images idx: a random flip each, z = (mean + std * eps) * 0.18215 -> float (B, 4, h, w)."""
+    idx = np.asarray(idx, dtype=np.int64)
+    flip = torch.randint(0, 2, (len(idx),), generator=generator)
+    post = torch.from_numpy(cache["latents"][idx, flip.numpy()].astype(np.float32))  # (B, mean|std, 4, h, w)
+    eps = torch.randn(post[:, 0].shape, generator=generator)
+    return (post[:, 0] + post[:, 1] * eps) * VAE_SCALE
+
+# -----------------------------------------------------------------------------
+
+def main(args):
+    # Setup DDP: torchrun sets RANK and WORLD_SIZE; plain python is one process.
+    ddp = "RANK" in os.environ
+    if ddp:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+    if rank == 0:
+        print(vars(args), flush=True)
+
+    # Find (or download, on rank 0 only) the dataset before loading the VAE, so a missing one fails fast.
+    try:
+        if rank == 0:
+            open_dataset(args.data, args.data_dir, args.split, args.image_size, download=args.download)
+        if ddp:
+            dist.barrier()
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+    # Encode: every rank its chunks, rank 0 writes the cache.
+    from models import load_vae  # here, so tests can import prepare.py without the models
+    vae = load_vae(args.vae).to(device).eval()
+    path = encode_cache(args.data, args.data_dir, args.split, args.image_size, vae, args.vae, args.batch_size,
+                        rank, world, device, num_workers=args.num_workers)
+    if rank == 0:
+        print(f"done: {path}")
+    if ddp:
+        dist.destroy_process_group()
+
+if __name__ == "__main__":
+    main(parser.parse_args())

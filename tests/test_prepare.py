@@ -1,0 +1,289 @@
+"""
+Tests of prepare.py: datasets in torchvision's on-disk layouts (tiny fakes made here), the ADM centre crop, and the
+latent cache (equivalence with online encoding, fingerprints, resume, ranks, unreadable images).
+
+    python -m pytest tests/test_prepare.py
+"""
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import scipy.io
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import prepare  # noqa: E402
+
+
+def save_image(path, w, h, seed):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+
+
+def make_folder(root):
+    """An image folder with mixed-case extensions, a garbage file, a truncated JPEG and things to ignore."""
+    for i, rel in enumerate(["cat/a.JPG", "cat/b.png", "cat/sub/c.jpeg", "dog/d.jpg", "dog/e.Png", "dog/f.jpg"]):
+        save_image(os.path.join(root, rel), 20 + 3 * i, 18 + 5 * i, i)
+    with open(os.path.join(root, "dog", "garbage.jpg"), "wb") as f:
+        f.write(b"this is not an image")
+    good = open(os.path.join(root, "dog", "f.jpg"), "rb").read()
+    with open(os.path.join(root, "cat", "truncated.jpg"), "wb") as f:
+        f.write(good[: len(good) // 2])
+    with open(os.path.join(root, "cat", "notes.txt"), "w") as f:
+        f.write("not an image extension")
+    save_image(os.path.join(root, ".hidden", "x.jpg"), 20, 20, 99)  # hidden: not a class
+    return root
+
+
+class TinyVAE(torch.nn.Module):
+    """A VAE-like encoder: 8x8 patches -> posterior mean and std (N, 4, S/8, S/8); counts its calls."""
+
+    def __init__(self, fail_at=None):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 8, 8, stride=8)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=g) * 0.3)
+            self.conv.bias.copy_(torch.cat([torch.zeros(4), torch.full((4,), -3.0)]))  # small std: flips are distinct modes
+        self.calls, self.fail_at = 0, fail_at
+
+    def encode(self, x):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise KeyboardInterrupt("simulated interruption")
+        mean, logvar = self.conv(x).chunk(2, dim=1)
+        return mean * 5, torch.exp(0.5 * logvar)
+
+
+def std_error_of_std(z):
+    """Standard error of the sample std along dim 0 (delta method, any distribution): sqrt((m4 - s^4) / K) / (2 s)."""
+    c = z - z.mean(0)
+    s2 = c.pow(2).mean(0)
+    return ((c.pow(4).mean(0) - s2 ** 2) / len(z)).sqrt() / (2 * s2.sqrt())
+
+
+def crop_tensor(path, size):
+    with Image.open(path) as f:
+        return torch.from_numpy(np.array(prepare.center_crop_arr(f.convert("RGB"), size))).permute(2, 0, 1)
+
+# -----------------------------------------------------------------------------
+# images and datasets
+
+@pytest.mark.parametrize("w, h, steps", [
+    (100, 60, [("box", (50, 30)), ("bicubic", (27, 16)), ("crop", (5, 0))]),              # one halving, round(26.67) = 27
+    (130, 70, [("box", (65, 35)), ("box", (32, 17)), ("bicubic", (30, 16)), ("crop", (7, 0))]),  # two halvings, floor of odd sizes
+    (40, 90, [("box", (20, 45)), ("bicubic", (16, 36)), ("crop", (0, 10))]),              # portrait
+    (24, 20, [("bicubic", (19, 16)), ("crop", (1, 0))]),                                  # no halving, round(19.2) = 19
+])
+def test_center_crop_matches_adm_steps(w, h, steps):
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8))
+    want = img
+    for op, arg in steps:  # the ADM steps with the sizes worked out by hand
+        if op == "box":
+            want = want.resize(arg, resample=Image.BOX)
+        elif op == "bicubic":
+            want = want.resize(arg, resample=Image.BICUBIC)
+        else:
+            want = Image.fromarray(np.array(want)[arg[1]:arg[1] + 16, arg[0]:arg[0] + 16])
+    got = prepare.center_crop_arr(img, 16)
+    assert got.size == (16, 16)
+    np.testing.assert_array_equal(np.array(got), np.array(want))
+
+
+def test_box_halving_is_a_2x2_mean():
+    a = np.random.default_rng(1).integers(0, 256, (40, 64, 3), dtype=np.uint8)
+    got = np.array(Image.fromarray(a).resize((32, 20), resample=Image.BOX)).astype(int)
+    want = a.reshape(20, 2, 32, 2, 3).mean((1, 3))
+    assert np.abs(got - want).max() <= 1  # PIL resizes in two separable passes, each rounding to uint8
+
+
+def make_food101(root, n_test_classes=3):
+    base = os.path.join(root, "food101", "food-101")
+    classes = [f"dish_{k:03d}" for k in range(101)]
+    meta = {"train": {c: [f"{c}/{k}1"] for k, c in enumerate(classes)}, "test": {c: [f"{c}/{k}2"] for k, c in enumerate(classes)}}
+    for split in meta:
+        for k, c in enumerate(classes):
+            for rel in meta[split][c]:
+                save_image(os.path.join(base, "images", rel + ".jpg"), 16 + k % 7, 16 + k % 5, k)
+        os.makedirs(os.path.join(base, "meta"), exist_ok=True)
+        with open(os.path.join(base, "meta", f"{split}.json"), "w") as f:
+            json.dump(meta[split], f)
+    return base, classes
+
+
+def test_food101_layout(tmp_path):
+    base, classes = make_food101(tmp_path)
+    ds = prepare.open_dataset("food101", tmp_path, "test", image_size=16)
+    assert len(ds) == 101 and ds.classes == classes
+    x, y = ds[37]
+    assert x.dtype == torch.uint8 and x.shape == (3, 16, 16) and y == 37
+    torch.testing.assert_close(x, crop_tensor(os.path.join(base, "images", classes[37], "372.jpg"), 16), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="no split 'val'"):
+        prepare.open_dataset("food101", tmp_path, "val", 16)
+
+
+def test_stanford_cars_layout(tmp_path):
+    base = os.path.join(tmp_path, "stanford_cars", "stanford_cars")
+    os.makedirs(os.path.join(base, "devkit"))
+    scipy.io.savemat(os.path.join(base, "devkit", "cars_meta.mat"), {"class_names": np.array([f"car {k}" for k in range(196)], dtype=object)[None]})
+    ann = np.zeros((1, 3), dtype=[("fname", "O"), ("class", "O")])
+    for i, cls in enumerate([5, 1, 196]):  # 1-based in the .mat
+        ann[0, i] = (f"{i:05d}.jpg", np.array([[cls]], dtype=np.uint8))
+        save_image(os.path.join(base, "cars_train", f"{i:05d}.jpg"), 30, 20, i)
+    scipy.io.savemat(os.path.join(base, "devkit", "cars_train_annos.mat"), {"annotations": ann})
+    ds = prepare.open_dataset("stanford_cars", tmp_path, "train", 16)
+    assert [y for _, y in ds.samples] == [4, 0, 195] and len(ds.classes) == 196
+    assert ds[2][0].shape == (3, 16, 16)
+
+
+def test_missing_datasets_say_how_to_get_them(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--download"):
+        prepare.open_dataset("food101", tmp_path)
+    with pytest.raises(FileNotFoundError, match="mirror"):
+        prepare.open_dataset("stanford_cars", tmp_path)
+    with pytest.raises(FileNotFoundError, match="train_test_split"):
+        prepare.open_dataset("cub200", tmp_path)
+    with pytest.raises(FileNotFoundError, match="neither a dataset"):
+        prepare.open_dataset(str(tmp_path / "nowhere"), tmp_path)
+    with pytest.raises(FileNotFoundError, match="prepare.py --data food101"):
+        prepare.open_cache("food101", tmp_path, "train", 256, "ema")
+
+
+def test_image_folder_and_unreadable_images(tmp_path, capfd):
+    folder = make_folder(str(tmp_path / "pics"))
+    ds = prepare.open_dataset(folder, tmp_path / "data", image_size=16)
+    names = [os.path.relpath(p, folder) for p, _ in ds.samples]
+    assert ds.classes == ["cat", "dog"]
+    assert names == ["cat/a.JPG", "cat/b.png", "cat/sub/c.jpeg", "cat/truncated.jpg", "dog/d.jpg", "dog/e.Png", "dog/f.jpg", "dog/garbage.jpg"]
+    assert [y for _, y in ds.samples] == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert ds[3] is None and ds[7] is None and ds[3] is None
+    err = capfd.readouterr().err.splitlines()  # each bad path reported once, by path
+    assert len(err) == 2 and "cat/truncated.jpg" in err[0] and "dog/garbage.jpg" in err[1]
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=prepare.collate)
+    ys = torch.cat([y for _, y in loader])
+    assert ys.tolist() == [0, 0, 0, 1, 1, 1]  # bad ones dropped, the same on every pass
+
+
+def test_unknown_class_count_is_refused(tmp_path):
+    for c in range(3):
+        save_image(os.path.join(tmp_path, "artbench10", "train", f"style{c}", "0.jpg"), 20, 20, c)
+    with pytest.raises(ValueError, match="found 3 classes"):
+        prepare.open_dataset("artbench10", tmp_path, "train", 16)
+
+# -----------------------------------------------------------------------------
+# the latent cache
+
+def test_cache_layout_and_skipped_images(tmp_path, capfd):
+    folder, root = make_folder(str(tmp_path / "pics")), str(tmp_path / "data")
+    vae = TinyVAE()
+    path = prepare.encode_cache(folder, root, "train", 16, vae, "tiny", batch_size=3, chunk_size=4)
+    assert path == os.path.join(root, "pics", "cache-train-16-tiny.npy") and os.path.exists(path)
+    assert sorted(os.listdir(os.path.dirname(path))) == ["cache-train-16-tiny.json", "cache-train-16-tiny.labels.npy", "cache-train-16-tiny.npy"]
+    cache = prepare.open_cache(folder, root, "train", 16, "tiny")
+    assert cache["latents"].shape == (6, 2, 2, 4, 2, 2) and cache["latents"].dtype == np.float16
+    assert isinstance(cache["latents"], np.memmap) and cache["mean"].shape == (6, 2, 4, 2, 2)
+    assert cache["labels"].tolist() == [0, 0, 0, 1, 1, 1]
+    assert cache["meta"]["skipped"] == ["cat/truncated.jpg", "dog/garbage.jpg"] and cache["meta"]["n"] == 6
+    assert "2 unreadable skipped" in capfd.readouterr().out
+    # every stored posterior is the encoding of its crop (index 0) and of the flipped crop (index 1), to float16 precision
+    ds = prepare.open_dataset(folder, root, image_size=16)
+    good = [i for i in range(len(ds)) if ds[i] is not None]
+    x = torch.stack([ds[i][0] for i in good]).float() / 127.5 - 1
+    for flip in (0, 1):
+        mean, std = vae.encode(x.flip(3) if flip else x)
+        torch.testing.assert_close(torch.from_numpy(cache["mean"][:, flip].astype(np.float32)), mean.detach(), rtol=2 ** -11, atol=1e-6)
+        torch.testing.assert_close(torch.from_numpy(cache["std"][:, flip].astype(np.float32)), std.detach(), rtol=2 ** -11, atol=1e-6)
+
+
+def test_cached_latents_match_online_encoding_in_distribution(tmp_path):
+    """Per image and element, latents drawn from the cache and latents made online (crop -> random flip -> encode ->
+    mean + std * eps -> x0.18215) have the same mean and std, within 5 standard errors of K draws each."""
+    folder, root = str(tmp_path / "pics"), str(tmp_path / "data")
+    for i in range(4):
+        save_image(os.path.join(folder, f"c{i % 2}", f"{i}.png"), 24 + 4 * i, 20 + 3 * i, i)
+    vae = TinyVAE()
+    prepare.encode_cache(folder, root, "train", 16, vae, "tiny", batch_size=2)
+    cache = prepare.open_cache(folder, root, "train", 16, "tiny")
+    ds, K = prepare.open_dataset(folder, root, image_size=16), 4000
+    g = torch.Generator().manual_seed(0)
+    for i in range(len(ds)):
+        cached = prepare.sample_latents(cache, [i] * K, g)  # (K, 4, 2, 2)
+        x = ds[i][0].float().div(127.5).sub(1).expand(K, 3, 16, 16)
+        x = torch.where(torch.rand(K, 1, 1, 1, generator=g) < 0.5, x.flip(3), x)  # the reference's RandomHorizontalFlip
+        with torch.no_grad():
+            mean, std = vae.encode(x)
+        online = (mean + std * torch.randn(mean.shape, generator=g)) * prepare.VAE_SCALE
+        se_mean = (cached.var(0) / K + online.var(0) / K).sqrt()
+        assert ((cached.mean(0) - online.mean(0)).abs() <= 5 * se_mean).all()
+        se_std = (std_error_of_std(cached) ** 2 + std_error_of_std(online) ** 2).sqrt()
+        tol = 5 * se_std + 1e-3 * online.std(0)  # + float16 storage: the modes move by <= 2^-11 relative
+        assert ((cached.std(0) - online.std(0)).abs() <= tol).all()
+        # the flip matters here (two separated modes), so a cache without flips would fail the std check
+        assert (online.std(0) > 2 * (std.mean(0) * prepare.VAE_SCALE)).any()
+    a = prepare.sample_latents(cache, [0, 3, 1], torch.Generator().manual_seed(7))
+    b = prepare.sample_latents(cache, [0, 3, 1], torch.Generator().manual_seed(7))
+    assert a.dtype == torch.float32 and a.shape == (3, 4, 2, 2) and torch.equal(a, b)
+
+
+def test_fingerprint_refuses_other_settings_and_tracks_the_images(tmp_path, monkeypatch):
+    folder, root = make_folder(str(tmp_path / "pics")), str(tmp_path / "data")
+    base = prepare.encode_cache(folder, root, "train", 16, TinyVAE(), "a", batch_size=4)[:-4]
+    prepare.open_cache(folder, root, "train", 16, "a")
+    with pytest.raises(FileNotFoundError):  # another resolution
+        prepare.open_cache(folder, root, "train", 32, "a")
+    with pytest.raises(FileNotFoundError):  # another VAE
+        prepare.open_cache(folder, root, "train", 16, "b")
+    for ext in (".npy", ".labels.npy", ".json"):  # a cache file that claims to be something it is not
+        shutil.copy(base + ext, base.replace("-16-a", "-32-b") + ext)
+    with pytest.raises(ValueError, match="stale.*image_size: 16 .want 32.*vae: 'a' .want 'b'"):
+        prepare.open_cache(folder, root, "train", 32, "b")
+    monkeypatch.setattr(prepare, "CROP_VERSION", "adm-center-crop-2")
+    with pytest.raises(ValueError, match="crop"):
+        prepare.open_cache(folder, root, "train", 16, "a")
+    monkeypatch.undo()
+    vae = TinyVAE()
+    prepare.encode_cache(folder, root, "train", 16, vae, "a", batch_size=4)
+    assert vae.calls == 0  # up to date: nothing encoded
+    save_image(os.path.join(folder, "dog", "new.jpg"), 30, 30, 7)  # the dataset changed: encoded again
+    prepare.encode_cache(folder, root, "train", 16, vae, "a", batch_size=4)
+    assert vae.calls > 0 and prepare.open_cache(folder, root, "train", 16, "a")["meta"]["n"] == 7
+
+
+def test_interrupted_encode_resumes_from_finished_chunks(tmp_path):
+    folder, root = make_folder(str(tmp_path / "pics")), str(tmp_path / "data")  # 8 listed images -> 4 chunks of 2
+    ref = prepare.encode_cache(folder, str(tmp_path / "ref"), "train", 16, TinyVAE(), "t", batch_size=2, chunk_size=2)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.encode_cache(folder, root, "train", 16, TinyVAE(fail_at=3), "t", batch_size=2, chunk_size=2)
+    assert not os.path.exists(os.path.join(root, "pics", "cache-train-16-t.json"))  # nothing half-finished is visible
+    with pytest.raises(FileNotFoundError):
+        prepare.open_cache(folder, root, "train", 16, "t")
+    vae = TinyVAE()
+    path = prepare.encode_cache(folder, root, "train", 16, vae, "t", batch_size=2, chunk_size=2)
+    assert vae.calls == 2  # chunks 0 and 1 were kept; chunks 2 and 3 (one VAE call each) were encoded
+    assert np.array_equal(np.load(path), np.load(ref)) and not any(".parts" in f for f in os.listdir(os.path.dirname(path)))
+
+
+def test_ranks_write_disjoint_shards_and_rank0_finishes(tmp_path):
+    folder, root = make_folder(str(tmp_path / "pics")), str(tmp_path / "data")
+    ref = prepare.encode_cache(folder, str(tmp_path / "ref"), "train", 16, TinyVAE(), "t", batch_size=2, chunk_size=2)
+    vae1, vae0 = TinyVAE(), TinyVAE()
+    prepare.encode_cache(folder, root, "train", 16, vae1, "t", batch_size=2, chunk_size=2, rank=1, world=2)
+    parts = [p for p in os.listdir(os.path.join(root, "pics")) if ".parts" in p]
+    assert sorted(os.listdir(os.path.join(root, "pics", parts[0]))) == ["000000002-000000004.npz", "000000006-000000008.npz"]
+    assert vae1.calls == 2 and not os.path.exists(ref.replace(str(tmp_path / "ref"), root))  # rank 1 does not finish
+    path = prepare.encode_cache(folder, root, "train", 16, vae0, "t", batch_size=2, chunk_size=2, rank=0, world=2)
+    assert vae0.calls == 2  # only its own chunks 0 and 2
+    assert np.array_equal(np.load(path), np.load(ref))
+    assert np.array_equal(np.load(path[:-4] + ".labels.npy"), np.load(ref[:-4] + ".labels.npy"))
+
+def test_toy_domains_are_deterministic_and_differ():
+    a, ya = prepare.make_toy("source", 4, seed=0)
+    b, yb = prepare.make_toy("source", 4, seed=0)
+    c, _ = prepare.make_toy("target", 4, seed=0)
+    assert torch.equal(a, b) and torch.equal(ya, yb) and a.shape == (32, 32, 32, 3) and a.dtype == torch.uint8
+    assert a.float().mean() > c.float().mean() + 60  # light source, dark target
