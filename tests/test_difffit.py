@@ -147,3 +147,19 @@ def test_parameter_table_command_prints_the_counts():
     out = subprocess.run([sys.executable, "difffit.py", "--model", "DiT-XL/2", "--num-classes", "101"],
                          cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert "673,799,072" in out and "607,136" in out and "687,808" in out
+
+def test_256_to_512_transfer_replays_through_a_delta(tmp_path):
+    """A base trained on a 4x4 grid, fine-tuned at 8x8 with the pos-embed trick; the delta rebuilds it exactly."""
+    from models import load_model
+    torch.save(tiny(input_size=8).state_dict(), tmp_path / "base.pt")
+    config = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=4, num_heads=4, num_classes=10)
+    model = load_model(str(tmp_path / "base.pt"), config, input_size=16)
+    spec = difffit.make_spec(model, "difffit", 5, base_grid=model.base_grid)
+    difffit.apply(model, spec)
+    table = model.pos_embed[0].reshape(8, 8, -1)
+    torch.testing.assert_close(table[::2, ::2], tiny(input_size=8).pos_embed[0].reshape(4, 4, -1), rtol=0, atol=1e-6)
+    randomize_trained(model)
+    again = load_model(str(tmp_path / "base.pt"), config, input_size=16)
+    difffit.load_delta(again, difffit.make_delta(model, spec))
+    x, t, y = inputs(num_classes=5, input_size=16)
+    assert torch.equal(again.eval()(x, t, y), model.eval()(x, t, y))

@@ -237,3 +237,56 @@ def test_mismatched_checkpoint_raises_one_readable_line(golden):
     assert "\n" not in msg and "DiT-tiny at 8x8 latents" in msg and "missing pos_embed" in msg and "unexpected foo" in msg
     with pytest.raises(ValueError, match=r"shape pos_embed checkpoint \(1, 16, 64\) vs model \(1, 16, 32\).*\(\+38 more\).*--model"):
         load_dit_state_dict(DiT(**{**golden["config"], "hidden_size": 32}), golden["state_dict"], "DiT-tiny")
+
+# -----------------------------------------------------------------------------
+# loading: published files, this repo's checkpoints, another resolution, pickled code
+
+def test_published_file_hash_is_recorded_then_enforced(tmp_path, monkeypatch):
+    import contextlib, http.server, threading
+    import models
+    payload = {"body": b"weights v1" * 1000}
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload["body"])))
+            self.end_headers()
+            self.wfile.write(payload["body"])
+        def log_message(self, *args):
+            pass
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/w.pt"
+        monkeypatch.setattr(models, "PRETRAINED", {"w.pt": (url, None)})
+        monkeypatch.setattr(models, "PRETRAINED_DIR", str(tmp_path))
+        path = models.pretrained_file("w.pt")  # first download: the hash is recorded beside it
+        assert open(path, "rb").read() == payload["body"] and (tmp_path / "w.pt.sha256").exists()
+        os.remove(path)
+        payload["body"] = b"tampered!!" * 1000  # the server now serves other bytes: refused, nothing kept
+        with pytest.raises(ValueError, match="is not the expected"):
+            models.pretrained_file("w.pt")
+        assert sorted(os.listdir(tmp_path)) == ["w.pt.sha256"]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+def test_checkpoint_with_pickled_code_is_refused_not_run(tmp_path):
+    import models
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+    torch.save({"model": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="refusing .*evil.pt"):
+        models.load_model(str(tmp_path / "evil.pt"), dict(model="DiT-S/8"))
+    assert not (tmp_path / "pwned").exists()
+
+def test_a_lower_resolution_base_loads_for_a_larger_model(golden, tmp_path):
+    import models
+    torch.save(golden["state_dict"], tmp_path / "raw.pt")  # a raw state dict, as DiT publishes them (8x8 input, 4x4 grid)
+    model = models.load_model(str(tmp_path / "raw.pt"), golden["config"], input_size=16)
+    assert model.base_grid == 4 and model.input_size == 16
+    for k, v in golden["state_dict"].items():
+        if k != "pos_embed":
+            assert torch.equal(model.state_dict()[k], v), k
+    with pytest.raises(ValueError, match="does not fit"):  # other shapes must still fit
+        models.load_model(str(tmp_path / "raw.pt"), {**golden["config"], "hidden_size": 32}, input_size=16)

@@ -1,0 +1,186 @@
+"""
+train.py and sample.py end to end on a tiny pixel-space DiT and the toy domain (CPU, seconds each).
+
+    python -m pytest tests/test_train.py
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import difffit
+import sample
+import train
+from models import DiT, load_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(input_size=32, patch_size=8, in_channels=3, hidden_size=32, depth=2, num_heads=2, num_classes=8)
+
+@pytest.fixture
+def base(tmp_path):
+    """A tiny base checkpoint in this repo's format, with random non-zero weights."""
+    torch.manual_seed(0)
+    model = DiT(**TINY)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n != "pos_embed":
+                p.normal_(0, 0.05)
+    path = tmp_path / "base.pt"
+    torch.save({"config": TINY, "model": model.state_dict()}, path)
+    return str(path)
+
+def run(tmp_path, base, *extra):
+    args = train.parser.parse_args(["--ckpt", base, "--results-dir", str(tmp_path / "results"), "--global-batch-size", "4",
+                                    "--log-every", "1", "--sample-steps", "2", "--precision", "fp32", "--eval-per-class", "1", *extra])
+    return train.main(args)
+
+def cli(script, *args, cwd=ROOT):
+    return subprocess.run([sys.executable, script, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+def test_train_writes_delta_merged_model_and_grid(tmp_path, base):
+    run_dir = run(tmp_path, base, "--max-steps", "3", "--ckpt-every", "2")
+    for f in ("ckpt.pt", "delta.pt", "model.pt", "samples.png", "log.txt", "metrics.csv"):
+        assert os.path.exists(os.path.join(run_dir, f)), f
+    delta = torch.load(os.path.join(run_dir, "delta.pt"), weights_only=True)
+    assert delta["spec"]["method"] == "difffit" and delta["ckpt"] == base
+    ckpt = torch.load(os.path.join(run_dir, "ckpt.pt"), weights_only=True)
+    assert ckpt["step"] == 3 and isinstance(ckpt["args"], dict)
+    # the merged model is a plain DiT equal to base + delta (EMA weights)
+    x, t, y = torch.randn(2, 3, 32, 32), torch.tensor([5, 900]), torch.tensor([1, 8])
+    merged = load_model(os.path.join(run_dir, "model.pt"), None).eval()
+    with_delta = load_model(base, None).eval()
+    difffit.load_delta(with_delta, delta)
+    torch.testing.assert_close(merged(x, t, y), with_delta(x, t, y), rtol=1e-5, atol=1e-6)
+    assert len(open(os.path.join(run_dir, "metrics.csv")).read().splitlines()) == 4  # header + 3 steps
+
+def test_resume_continues_exactly(tmp_path, base):
+    straight = run(tmp_path / "a", base, "--max-steps", "6", "--ckpt-every", "3")
+    interrupted = run(tmp_path / "b", base, "--max-steps", "3", "--ckpt-every", "3")
+    resumed = train.main(train.parser.parse_args(["--resume", interrupted, "--max-steps", "6"]))
+    assert resumed == interrupted
+    a = torch.load(os.path.join(straight, "ckpt.pt"), weights_only=True)
+    b = torch.load(os.path.join(resumed, "ckpt.pt"), weights_only=True)
+    assert b["step"] == 6
+    for k in a["params"]:
+        torch.testing.assert_close(b["params"][k], a["params"][k], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(b["ema"][k], a["ema"][k], rtol=1e-6, atol=1e-7)
+    loss = lambda d: [l.split(",")[1] for l in open(os.path.join(d, "metrics.csv")).read().splitlines()[1:]]
+    assert loss(resumed) == loss(straight)  # the loss curve continues, it does not restart
+
+def test_crash_during_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    train.atomic_save({"step": 1, "w": torch.ones(3)}, path)
+    def broken_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        train.atomic_save({"step": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["step"] == 1
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, base, monkeypatch, capsys):
+    real = train.create_diffusion
+    def poisoned(respacing):
+        d = real(respacing)
+        losses, calls = d.training_losses, [0]
+        def training_losses(*a, **k):
+            out = losses(*a, **k)
+            calls[0] += 1
+            if calls[0] > 2:
+                out["loss"] = out["loss"] * float("nan")
+            return out
+        d.training_losses = training_losses
+        return d
+    monkeypatch.setattr(train, "create_diffusion", poisoned)
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, base, "--max-steps", "6", "--ckpt-every", "2")
+    assert e.value.code != 0
+    assert "loss is nan at step" in capsys.readouterr().err
+    (run_dir,) = (tmp_path / "results").iterdir()
+    ckpt = torch.load(run_dir / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["params"].values())
+
+def test_batches_cover_every_image_once_per_epoch():
+    n, batch, world = 10, 3, 2
+    seen = torch.cat([train.batch_indices(i, n, batch, r, world, seed=0) for i in range(5) for r in range(world)])
+    assert sorted(seen[:10].tolist()) == list(range(10)) and sorted(seen[10:20].tolist()) == list(range(10))
+    assert not torch.equal(seen[:10], seen[10:20])  # a new permutation each epoch
+
+def test_sample_cli_is_deterministic(tmp_path, base):
+    run_dir = run(tmp_path, base, "--max-steps", "2")
+    outs = []
+    for name in ("a.png", "b.png"):
+        r = cli("sample.py", "--delta", os.path.join(run_dir, "delta.pt"), "--steps", "3", "--classes", "0,3",
+                "--out", str(tmp_path / name))
+        assert r.returncode == 0, r.stderr
+        outs.append((tmp_path / name).read_bytes())
+    assert outs[0] == outs[1]
+
+def test_fid_sample_set_is_balanced_and_resumable(tmp_path, base):
+    model = load_model(base, None).eval()
+    args = sample.parser.parse_args(["--num-fid-samples", "10", "--batch-size", "4", "--steps", "2", "--cfg-scale", "1"])
+    out = str(tmp_path / "fid")
+    sample.write_fid_samples(model, sample.create_diffusion("2"), args, None, out, 0, 1)
+    import numpy as np
+    arr = np.load(out + ".npz")["arr_0"]
+    assert arr.shape == (10, 32, 32, 3) and arr.dtype == np.uint8
+    first = (tmp_path / "fid" / "000005.png").read_bytes()
+    os.remove(tmp_path / "fid" / "000005.png")  # an interrupted run: one batch missing
+    sample.write_fid_samples(model, sample.create_diffusion("2"), args, None, out, 0, 1)
+    assert (tmp_path / "fid" / "000005.png").read_bytes() == first
+
+def test_two_processes_under_torchrun_train_in_sync(tmp_path, base):
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+                        "--ckpt", base, "--results-dir", str(tmp_path / "results"), "--global-batch-size", "4",
+                        "--max-steps", "3", "--ckpt-every", "3", "--sample-steps", "2", "--precision", "fp32"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "2 x cpu" in r.stdout and "replicas in sync" in r.stdout
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--ckpt", "missing.pt"], "missing.pt not found"),
+    (["--data", "nope"], "--data nope: not a dataset"),
+    (["--model", "DiT-XXL/2"], "invalid choice: 'DiT-XXL/2'"),
+    (["--global-batch-size", "3", "--grad-accum", "2"], "not divisible"),
+])
+def test_bad_training_input_gives_one_clear_line(argv, needle, tmp_path):
+    r = cli("train.py", *argv, "--results-dir", str(tmp_path))
+    assert r.returncode != 0 and needle in r.stderr
+    assert "Traceback" not in r.stderr
+
+def test_a_delta_on_the_wrong_base_gives_one_clear_line(tmp_path, base):
+    run_dir = run(tmp_path, base, "--max-steps", "1")
+    delta = torch.load(os.path.join(run_dir, "delta.pt"), weights_only=True)
+    other = DiT(**TINY)
+    torch.save({"config": TINY, "model": other.state_dict()}, tmp_path / "other.pt")
+    delta["ckpt"] = str(tmp_path / "other.pt")
+    torch.save(delta, tmp_path / "wrong.pt")
+    r = cli("sample.py", "--delta", str(tmp_path / "wrong.pt"), "--steps", "2")
+    assert r.returncode == 2 and "another base model" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_latent_training_from_the_cache_or_online(tmp_path, monkeypatch, cache):
+    """An image folder, a tiny random VAE and a tiny latent DiT: the paper's path, end to end, in seconds."""
+    import numpy as np
+    from PIL import Image
+    import models
+    for c in ("cats", "dogs"):
+        os.makedirs(tmp_path / "imgs" / c)
+        for i in range(4):
+            Image.fromarray(np.random.RandomState(i).randint(0, 255, (40, 48, 3), np.uint8)).save(tmp_path / "imgs" / c / f"{i}.png")
+    torch.manual_seed(0)
+    vae = models.AutoencoderKL(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4)
+    monkeypatch.setattr(train, "load_vae", lambda name: vae)
+    config = dict(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10)
+    torch.save({"config": config, "model": DiT(**config).state_dict()}, tmp_path / "base.pt")
+    run_dir = train.main(train.parser.parse_args([
+        "--data", str(tmp_path / "imgs"), "--data-dir", str(tmp_path / "data"), "--image-size", "32", "--ckpt", str(tmp_path / "base.pt"),
+        "--results-dir", str(tmp_path / "results"), "--global-batch-size", "4", "--max-steps", "2", "--sample-steps", "2",
+        "--num-workers", "0", "--precision", "fp32"] + ([] if cache else ["--no-cache"])))
+    assert os.path.exists(os.path.join(run_dir, "samples.png"))  # decoded through the VAE
+    assert torch.load(os.path.join(run_dir, "delta.pt"), weights_only=True)["spec"]["num_classes"] == 2
+    assert os.path.exists(tmp_path / "data" / "imgs" / "cache-train-32-ema.npy") == cache

@@ -1,0 +1,387 @@
+"""
+Fine-tune a pretrained DiT on a new dataset with DiffFit (or BitFit, or full fine-tuning).
+
+DiffFit: Xie et al. 2023, arXiv:2304.06648. DiT: Peebles & Xie 2022, arXiv:2212.09748.
+
+    torchrun --nproc_per_node=8 train.py --data food101           # the paper's setting (8 GPUs)
+    python train.py --data food101 --global-batch-size 32         # one GPU
+    python train.py                                               # the toy default: CPU, a few minutes
+
+The same script runs under `python` and `torchrun` (DDP is detected from the RANK variable).
+"""
+import argparse
+import contextlib
+import csv
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import difffit
+import fid
+import prepare
+from diffusion import create_diffusion
+from models import VAE_SCALE, DiT_models, load_model, load_vae
+from prepare import DATASETS
+from sample import generate, save_grid
+
+# -----------------------------------------------------------------------------
+parser = argparse.ArgumentParser(description="DiffFit fine-tuning of a pretrained DiT (python or torchrun).")
+# data
+parser.add_argument("--data", default="toy", help=f"dataset ({', '.join(DATASETS)}) or an image folder <class>/<image>")
+parser.add_argument("--data-dir", default="data", help="where datasets and their latent caches live (prepare.py)")
+parser.add_argument("--image-size", type=int, default=None, help="resolution, a multiple of 8 (paper: 256, and 512 in §4.3; the toy is 32)")
+parser.add_argument("--no-cache", action="store_true", help="encode images with the VAE every step instead of reading the latent cache")
+parser.add_argument("--vae", default="ema", help="SD VAE: ema or mse (the encoders are the same), or a local file")
+parser.add_argument("--num-workers", type=int, default=4, help="image-decoding processes per rank (--no-cache)")
+# model
+parser.add_argument("--model", default="DiT-XL/2", choices=list(DiT_models), help="DiT config of a raw published checkpoint (checkpoints written by this repo carry their own)")
+parser.add_argument("--ckpt", default=None, help="base checkpoint (default: DiT-XL-2-256x256.pt, downloaded; the toy's assets/toy_base.pt); 'scratch' = random init")
+parser.add_argument("--no-pos-trick", action="store_true", help="from a lower-resolution base, use the plain sin-cos table instead of the interpolated one (§4.3)")
+# difffit
+parser.add_argument("--method", default="difffit", choices=list(difffit.METHODS), help="which parameters train")
+parser.add_argument("--gamma-blocks", default=None, help="blocks that get γ, e.g. '0-13' (default: the first half, Table 4b)")
+parser.add_argument("--no-gamma-qkv", action="store_true", help="no γ on the qkv projections (Table 4c)")
+parser.add_argument("--no-gamma-final", action="store_true", help="no γ on the final layer (Table 4c)")
+# optimization
+parser.add_argument("--max-steps", type=int, default=None, help="optimizer steps (paper: 24,000; toy: 1,000)")
+parser.add_argument("--global-batch-size", type=int, default=None, help="images per step over all ranks (paper: 256; toy: 32)")
+parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+parser.add_argument("--lr", type=float, default=None, help="default 1e-4 for full fine-tuning and 10x that for the others (Table 4d)")
+parser.add_argument("--ema-decay", type=float, default=None, help="EMA decay of the trained parameters (paper/DiT: 0.9999; toy: 0.99)")
+parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="bf16 autocast where the hardware has it (auto)")
+parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+parser.add_argument("--seed", type=int, default=0, help="global seed")
+# logging/checkpointing
+parser.add_argument("--results-dir", default="results", help="runs go to results/NNN-<data>-<method>")
+parser.add_argument("--resume", default=None, help="a run folder, or 'latest', to continue from its checkpoint")
+parser.add_argument("--log-every", type=int, default=50, help="steps between log lines")
+parser.add_argument("--ckpt-every", type=int, default=500, help="steps between checkpoints")
+parser.add_argument("--sample-every", type=int, default=0, help="steps between EMA sample grids (0: at the end only)")
+parser.add_argument("--sample-steps", type=int, default=50, help="DDPM steps for the sample grids")
+parser.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale of the sample grids (paper: 4.0 for pictures)")
+parser.add_argument("--eval-per-class", type=int, default=16, help="toy data only: samples per class for the toy measure at start and end (0: off)")
+
+# Defaults that depend on the data: the paper's (§4.2) for real datasets, a few CPU minutes for the toy.
+PAPER = dict(max_steps=24_000, global_batch_size=256, ema_decay=0.9999)
+TOY = dict(max_steps=1_000, global_batch_size=32, ema_decay=0.99)
+
+def batch_indices(i, n, batch, rank, world, seed):
+    """Dataset indices of one rank's share of global micro-batch i. Each epoch is a seeded permutation, so
+    any batch is a pure function of (seed, i): a resumed run sees exactly the batches it would have seen."""
+    pos = (i * world + rank) * batch + torch.arange(batch)  # positions in the endless stream of epochs
+    out = torch.empty_like(pos)
+    for epoch in (pos // n).unique().tolist():
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        m = pos // n == epoch
+        out[m] = perm[pos[m] % n]
+    return out
+
+# -----------------------------------------------------------------------------
+# helpers
+
+def print0(*a):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*a, flush=True)
+
+def die(msg):
+    """Bad input: one clear line and a non-zero exit."""
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+def atomic_save(obj, path):
+    """temp file, fsync, rename: a crash mid-write leaves the previous file intact, never half a file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+def git_info():
+    run = lambda *cmd: subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    try:
+        return f"{run('git', 'rev-parse', '--short', 'HEAD') or 'no commit'}{' + uncommitted changes' if run('git', 'status', '--porcelain', '-uno') else ''}"
+    except OSError:
+        return "unknown"
+
+def bf16_supported(device):
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()  # CPUs with AVX512-BF16 or AMX
+
+@contextlib.contextmanager
+def swapped_in(model, params):
+    """Temporarily load `params` (e.g. the EMA) into the model's trained parameters."""
+    named = dict(model.named_parameters())
+    backup = {k: named[k].detach().clone() for k in params}
+    with torch.no_grad():
+        for k, v in params.items():
+            named[k].copy_(v)
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for k, v in backup.items():
+                named[k].copy_(v)
+
+@torch.no_grad()
+def toy_eval(model, data, n_per_class=16, steps=50, cfg_scale=4.0):
+    """How well a model draws a toy domain: the Fréchet distance of its samples to the test split under fid.py's
+    toy features (not comparable with published FIDs), and the class accuracy of its samples under a
+    nearest-class-mean classifier fitted on the test split's features."""
+    ref, ref_y = prepare.load_toy(data, "test")
+    f_ref = fid.toy_features(ref.numpy())
+    mu, sd = f_ref.mean(0), f_ref.std(0) + 1e-8  # standardise, so no feature dominates the distances
+    centres = np.stack([((f_ref[ref_y.numpy() == k] - mu) / sd).mean(0) for k in range(model.num_classes)])
+    labels = [k for k in range(model.num_classes) for _ in range(n_per_class)]
+    f = fid.toy_features(generate(model, create_diffusion(str(steps)), labels, cfg_scale).numpy())
+    pred = np.square(((f - mu) / sd)[:, None] - centres[None]).sum(-1).argmin(1)  # nearest class centre
+    return fid.frechet_distance(*fid.statistics(f), *fid.statistics(f_ref)), float((pred == np.array(labels)).mean())
+
+# -----------------------------------------------------------------------------
+
+def main(args):
+    # Setup DDP: torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; plain python is one process.
+    ddp = "RANK" in os.environ
+    if ddp:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world = 0, 1
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 on Ampere+: 0.51 -> 0.81 it/s for DiT (DiT #22)
+    torch.backends.cudnn.allow_tf32 = True
+
+    # Resolve the arguments: a resumed run takes its own, the rest default by dataset.
+    run_dir, ckpt = None, None
+    if args.resume:
+        run_dir = args.resume
+        if run_dir == "latest":
+            runs = sorted(glob.glob(os.path.join(args.results_dir, "[0-9][0-9][0-9]-*")))
+            run_dir = runs[-1] if runs else die(f"--resume latest: there are no runs in {args.results_dir}")
+        if not os.path.exists(os.path.join(run_dir, "ckpt.pt")):
+            die(f"--resume {run_dir}: no ckpt.pt there (runs write one every --ckpt-every steps)")
+        ckpt = torch.load(os.path.join(run_dir, "ckpt.pt"), map_location="cpu", weights_only=True)
+        args = argparse.Namespace(**{**ckpt["args"], "max_steps": args.max_steps or ckpt["args"]["max_steps"]})
+    if args.data not in DATASETS and not os.path.isdir(args.data):
+        die(f"--data {args.data}: not a dataset ({', '.join(DATASETS)}) nor an image folder")
+    info = DATASETS.get(args.data) or dict(classes=len([d for d in os.scandir(args.data) if d.is_dir() and not d.name.startswith(".")]))
+    toy = info.get("toy", False)
+    for k, v in (TOY if toy else PAPER).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.image_size = args.image_size or info.get("size", 256)
+    if not toy and args.image_size % 8:
+        die(f"--image-size {args.image_size}: the VAE needs a multiple of 8")
+    args.lr = args.lr or (1e-4 if args.method == "full" else 1e-3)  # Table 4d: PEFT is best at 10x DiT's 1e-4
+    args.ckpt = args.ckpt or ("assets/toy_base.pt" if args.data == "toy" else "scratch" if toy else "DiT-XL-2-256x256.pt")
+    if args.global_batch_size % (world * args.grad_accum):
+        die(f"--global-batch-size {args.global_batch_size} is not divisible by {world} ranks x --grad-accum {args.grad_accum}")
+    batch = args.global_batch_size // (world * args.grad_accum)  # per rank, per micro-step
+    torch.manual_seed(args.seed * world + rank)
+    use_bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_supported(device))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+
+    # Create model: the base (strict load), then the DiffFit surgery on it.
+    if toy:  # pixel space; the toy base's architecture (1.9M parameters, 7 MB)
+        config = dict(input_size=32, patch_size=4, in_channels=3, hidden_size=128, depth=6, num_heads=4, num_classes=8)
+    else:  # latent space; used for 'scratch' and for raw published checkpoints, which carry no config
+        config = dict(model=args.model, input_size=args.image_size // 8, in_channels=4, num_classes=1000)
+    model = load_model(args.ckpt, config, input_size=config["input_size"]).to(device)
+    config = model.config  # a checkpoint written here brings its own
+    base_grid = model.base_grid if args.ckpt != "scratch" and not args.no_pos_trick else None
+    gamma_blocks = None
+    if args.gamma_blocks:
+        a, _, b = args.gamma_blocks.partition("-")
+        gamma_blocks = list(range(int(a), int(b or a) + 1))
+    new_labels = args.ckpt != "scratch" and not info.get("imagenet_labels")  # fresh class rows (difffit.py)
+    spec = difffit.make_spec(model, args.method, info["classes"], gamma_blocks, not args.no_gamma_qkv,
+                             not args.no_gamma_final, new_labels, base_grid)
+    difffit.apply(model, spec)
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    ema = {n: p.detach().clone() for n, p in trained.items()}  # EMA of the trained parameters only
+    opt = torch.optim.AdamW(trained.values(), lr=args.lr, weight_decay=0, fused=device.type == "cuda")  # DiT: AdamW, wd 0
+    diffusion = create_diffusion("")  # training sees all 1000 steps
+    step = 0
+    if ckpt is not None:  # resume: trained tensors, EMA, optimizer, step and every rank's RNG streams
+        with torch.no_grad():
+            for k, v in ckpt["params"].items():
+                trained[k].copy_(v)
+        ema = {k: v.to(device) for k, v in ckpt["ema"].items()}
+        opt.load_state_dict(ckpt["opt"])
+        step = ckpt["step"]
+        torch.set_rng_state(ckpt["rng"][rank]["cpu"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"])
+    train_model = torch.compile(model) if args.compile else model
+    if ddp:
+        train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    # Setup data: a batch of any micro-step i is a pure function of (seed, i) (batch_indices), so resume is exact.
+    vae = None if toy else load_vae(args.vae).to(device).eval()  # latents; also decodes the sample grids
+    if toy:  # in memory, pixels in [-1, 1]
+        images, labels = prepare.load_toy(args.data)
+        x_all = images.permute(0, 3, 1, 2).float().div(127.5).sub(1)  # uint8 NHWC -> float NCHW
+        def get_batch(i):
+            idx = batch_indices(i, len(x_all), batch, rank, world, args.seed)
+            x = x_all[idx].to(device)
+            return torch.where(torch.rand(len(x), 1, 1, 1, device=device) < 0.5, x.flip(3), x), labels[idx].to(device)
+    elif not args.no_cache:  # the VAE posteriors of both flips, encoded once (all ranks share the work)
+        prepare.encode_cache(args.data, args.data_dir, "train", args.image_size, vae, args.vae, rank=rank, world=world, device=device)
+        cache = prepare.open_cache(args.data, args.data_dir, "train", args.image_size, args.vae)
+        labels = torch.from_numpy(cache["labels"])
+        def get_batch(i):  # a fresh flip and posterior sample each time, as when encoding online
+            idx = batch_indices(i, len(labels), batch, rank, world, args.seed)
+            return prepare.sample_latents(cache, idx).to(device), labels[idx].to(device)
+    else:  # encode every step, as DiT's train.py does (slower: the VAE costs more than a DiffFit step)
+        ds = prepare.open_dataset(args.data, args.data_dir, "train", args.image_size)
+        order = (batch_indices(i, len(ds), batch, rank, world, args.seed).tolist() for i in range(step * args.grad_accum, args.max_steps * args.grad_accum))
+        loader = iter(torch.utils.data.DataLoader(ds, batch_sampler=order, num_workers=args.num_workers, collate_fn=prepare.collate, pin_memory=device.type == "cuda"))
+        def get_batch(i):
+            x, y = next(loader)  # uint8 (B, 3, S, S); unreadable images were dropped (and reported) by collate
+            x = x.to(device).float().div(127.5).sub(1)
+            x = torch.where(torch.rand(len(x), 1, 1, 1, device=device) < 0.5, x.flip(3), x)
+            with torch.no_grad(), autocast:
+                mean, std = vae.encode(x)
+            return (mean + std * torch.randn_like(std)) * VAE_SCALE, y.to(device)
+
+    # Run folder, log file, metrics CSV (rank 0).
+    if rank == 0 and run_dir is None:
+        os.makedirs(args.results_dir, exist_ok=True)
+        n_runs = len(glob.glob(os.path.join(args.results_dir, "[0-9][0-9][0-9]-*")))
+        run_dir = os.path.join(args.results_dir, f"{n_runs:03d}-{args.data}-{args.method}")
+        os.makedirs(run_dir)
+    if ddp:
+        box = [run_dir]
+        dist.broadcast_object_list(box, src=0)
+        run_dir = box[0]
+    log = open(os.path.join(run_dir, "log.txt"), "a") if rank == 0 else None
+    metrics_file = open(os.path.join(run_dir, "metrics.csv"), "a", newline="") if rank == 0 else None
+    metrics = csv.writer(metrics_file) if rank == 0 else None
+    def log0(msg):
+        print0(msg)
+        if log:
+            log.write(msg + "\n")
+            log.flush()
+    n_trained = sum(p.numel() for p in trained.values())
+    n_total = sum(p.numel() for n, p in model.named_parameters() if n != "pos_embed")
+    log0(f"args: {json.dumps(vars(args))}")
+    log0(f"git {git_info()} | torch {torch.__version__} | {world} x {device} | {'bf16 autocast' if use_bf16 else 'fp32'}")
+    log0(f"{args.method}: {n_trained:,} of {n_total:,} parameters train ({100 * n_trained / n_total:.3f}%) | {run_dir}")
+    if metrics and step == 0:
+        metrics.writerow(["step", "loss", "lr", "img_per_s"])
+        metrics_file.flush()
+
+    def save_checkpoint():
+        rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else torch.zeros(0)}
+        rngs = [rng]
+        if ddp:  # every rank's RNG streams, and a cheap check that DDP kept the replicas identical
+            rngs = [None] * world
+            dist.all_gather_object(rngs, rng)
+            sums = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(world)]
+            dist.all_gather(sums, sum(p.detach().double().sum() for p in trained.values()).reshape(1))
+            if any(not torch.equal(s, sums[0]) for s in sums):
+                raise RuntimeError(f"DDP replicas diverged at step {step}: {[s.item() for s in sums]}")
+            log0(f"step {step}: {world} replicas in sync, checkpoint saved")
+        if rank == 0:  # plain tensors and dicts only, so it loads with weights_only=True
+            atomic_save({"args": vars(args), "config": config, "spec": spec, "step": step,
+                         "params": {k: v.detach().cpu() for k, v in trained.items()},
+                         "ema": {k: v.cpu() for k, v in ema.items()}, "opt": opt.state_dict(), "rng": rngs},
+                        os.path.join(run_dir, "ckpt.pt"))
+        if ddp:
+            dist.barrier()
+
+    def save_samples(name):
+        if rank == 0:
+            model.eval()
+            with swapped_in(model, ema), autocast:
+                grid_labels = [i % info["classes"] for i in range(16)]
+                images = generate(model, create_diffusion(str(args.sample_steps)), grid_labels, args.cfg_scale, vae=vae)
+            save_grid(images, os.path.join(run_dir, name))
+            model.train()
+
+    def toy_measure(what):  # the toy's stand-in for FID, before and after training (rank 0)
+        if rank == 0 and toy and args.eval_per_class and args.ckpt != "scratch":
+            model.eval()
+            with (swapped_in(model, ema) if what == "ema" else contextlib.nullcontext()), autocast:
+                fd, acc = toy_eval(model, args.data, args.eval_per_class, args.sample_steps, args.cfg_scale)
+            model.train()
+            log0(f"toy measure ({'the base, before training' if what == 'base' else 'EMA after training'}): "
+                 f"Fréchet distance {fd:.3f} (toy features) | class accuracy {acc:.0%} (chance {1 / info['classes']:.0%})")
+            with open(os.path.join(run_dir, f"toy_{what}.json"), "w") as f:
+                json.dump(dict(frechet_distance=fd, class_accuracy=acc, step=step), f)
+
+    # Train: one optimizer step = grad_accum micro-batches on every rank.
+    if step == 0:
+        toy_measure("base")
+    model.train()  # enables label dropout, so the unconditional branch keeps training (CFG)
+    running, t0, since = torch.zeros((), device=device), time.time(), step
+    while step < args.max_steps:
+        for micro in range(args.grad_accum):
+            x, y = get_batch(step * args.grad_accum + micro)
+            t = torch.randint(0, diffusion.num_timesteps, (len(x),), device=device)
+            last = micro == args.grad_accum - 1
+            with (train_model.no_sync() if ddp and not last else contextlib.nullcontext()), autocast:
+                loss = diffusion.training_losses(train_model, x, t, dict(y=y))["loss"].mean()
+            (loss / args.grad_accum).backward()
+            running += loss.detach() / args.grad_accum
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for k, p in trained.items():
+                ema[k].lerp_(p.detach(), 1 - args.ema_decay)
+        step += 1
+
+        # Once in a while: log (the loss all-reduced over ranks), check it is finite, checkpoint, sample.
+        if step % args.log_every == 0 or step % args.ckpt_every == 0 or step == args.max_steps:
+            if ddp:
+                dist.all_reduce(running)
+            loss_avg = running.item() / world / (step - since)
+            if not math.isfinite(loss_avg):  # checked before any checkpoint, so the last one stays good
+                die(f"loss is {loss_avg} at step {step}; stopped without saving: the last good checkpoint is "
+                    f"{os.path.join(run_dir, 'ckpt.pt')} (lower --lr or use --precision fp32)")
+            dt = time.time() - t0
+            lr = opt.param_groups[0]["lr"]
+            mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0
+            ips = (step - since) * args.global_batch_size / dt
+            log0(f"step {step:6d}/{args.max_steps} | loss {loss_avg:.4f} | lr {lr:.1e} | {(step - since) / dt:.2f} steps/s | {ips:.1f} img/s" + (f" | {mem:.1f} GB" if mem else ""))
+            if metrics:
+                metrics.writerow([step, f"{loss_avg:.6f}", lr, f"{ips:.2f}"])
+                metrics_file.flush()
+            running.zero_()
+            t0, since = time.time(), step
+        if step % args.ckpt_every == 0 or step == args.max_steps:
+            save_checkpoint()
+        if args.sample_every and step % args.sample_every == 0:
+            save_samples(f"samples-{step:07d}.png")
+
+    # The results: the delta (EMA of the trained tensors), the merged plain DiT, and a grid of EMA samples.
+    if rank == 0:
+        delta = {**difffit.make_delta(model, spec, ema), "config": config, "ckpt": args.ckpt}
+        atomic_save(delta, os.path.join(run_dir, "delta.pt"))
+        with swapped_in(model, ema):
+            merged_config = {**config, "num_classes": spec["num_classes"]}
+            atomic_save({"config": merged_config, "model": difffit.merge(model)}, os.path.join(run_dir, "model.pt"))
+        log0(f"wrote {run_dir}/delta.pt ({os.path.getsize(os.path.join(run_dir, 'delta.pt')) / 1e6:.2f} MB) and {run_dir}/model.pt (merged)")
+    save_samples("samples.png")
+    toy_measure("ema")
+    if ddp:
+        dist.destroy_process_group()
+    return run_dir
+
+if __name__ == "__main__":
+    try:
+        main(parser.parse_args())
+    except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, non-zero exit
+        die(str(e))
