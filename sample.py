@@ -81,9 +81,10 @@ def generate(model, diffusion, labels, cfg_scale, seed=0, sampler="ddpm", vae=No
         fn = lambda x, t, y: model.forward_with_cfg(x, t, y, cfg_scale, guide_channels)
     else:
         fn = model.forward
-    torch.manual_seed(seed)  # the noise drawn at each DDPM step
     loop = diffusion.ddim_sample_loop if sampler == "ddim" else diffusion.p_sample_loop
-    x = loop(fn, z.shape, z, clip_denoised=vae is None, model_kwargs=dict(y=y), device=device, progress=progress)[:n]
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the caller's RNG stays as it was
+        torch.manual_seed(seed)  # the noise drawn at each DDPM step
+        x = loop(fn, z.shape, z, clip_denoised=vae is None, model_kwargs=dict(y=y), device=device, progress=progress)[:n]
     if vae is not None:  # latents -> pixels
         x = vae.decode(x.float() / models.VAE_SCALE)
     return (127.5 * x.float() + 128).clamp(0, 255).permute(0, 2, 3, 1).to("cpu", torch.uint8)  # DiT's rounding

@@ -58,6 +58,9 @@ def test_train_writes_delta_merged_model_and_grid(tmp_path, base):
 def test_resume_continues_exactly(tmp_path, base):
     straight = run(tmp_path / "a", base, "--max-steps", "6", "--ckpt-every", "3")
     interrupted = run(tmp_path / "b", base, "--max-steps", "3", "--ckpt-every", "3")
+    ckpt = torch.load(os.path.join(interrupted, "ckpt.pt"), weights_only=True)
+    del ckpt["args"]["eval_per_class"]  # as if written before that flag existed: it must take its default
+    train.atomic_save(ckpt, os.path.join(interrupted, "ckpt.pt"))
     resumed = train.main(train.parser.parse_args(["--resume", interrupted, "--max-steps", "6"]))
     assert resumed == interrupted
     a = torch.load(os.path.join(straight, "ckpt.pt"), weights_only=True)
@@ -184,3 +187,24 @@ def test_latent_training_from_the_cache_or_online(tmp_path, monkeypatch, cache):
     assert os.path.exists(os.path.join(run_dir, "samples.png"))  # decoded through the VAE
     assert torch.load(os.path.join(run_dir, "delta.pt"), weights_only=True)["spec"]["num_classes"] == 2
     assert os.path.exists(tmp_path / "data" / "imgs" / "cache-train-32-ema.npy") == cache
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, "assets", "toy_base.pt")), reason="assets/toy_base.pt is not built")
+def test_difffit_clearly_improves_the_toy_measure(tmp_path):
+    """The shipped base, DiffFit-fine-tuned on the toy target for a short run: the measure must improve clearly."""
+    run_dir = train.main(train.parser.parse_args(["--results-dir", str(tmp_path), "--max-steps", "300",
+                                                  "--eval-per-class", "8", "--ckpt", os.path.join(ROOT, "assets", "toy_base.pt")]))
+    load = lambda what: __import__("json").load(open(os.path.join(run_dir, f"toy_{what}.json")))
+    base, tuned = load("base"), load("ema")
+    assert base["class_accuracy"] <= 0.3  # the base cannot draw the target classes (chance is 12.5%)
+    assert base["frechet_distance"] > 10  # nor the target's look
+    assert tuned["frechet_distance"] < 0.2 * base["frechet_distance"]  # measured: 22.5 -> 0.21 after 1000 steps
+
+def test_sampling_leaves_the_callers_rng_alone(base):
+    """Grids drawn during training must not reseed the training noise (they run inside fork_rng)."""
+    model = load_model(base, None).eval()
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    a = sample.generate(model, sample.create_diffusion("2"), [0, 1], 2.0, seed=7)
+    assert torch.equal(torch.rand(3), expected)
+    assert torch.equal(sample.generate(model, sample.create_diffusion("2"), [0, 1], 2.0, seed=7), a)  # still seeded
