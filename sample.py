@@ -40,7 +40,7 @@ parser.add_argument("--per-class", type=int, default=1, help="samples per class 
 parser.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale (paper: 4.0 for pictures, 1.5 for FID)")
 parser.add_argument("--guide-all-channels", action="store_true", help="guide all 4 latent channels (DiT guides the first 3)")
 parser.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"], help="ancestral DDPM or deterministic DDIM (eta 0)")
-parser.add_argument("--steps", type=int, default=250, help="sampling steps (DiT: 250 DDPM steps)")
+parser.add_argument("--steps", default="250", help="sampling steps, or any respacing such as '10,15,20' (DiT: 250 DDPM steps)")
 parser.add_argument("--seed", type=int, default=0, help="same seed, same samples")
 parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16 autocast for speed")
 parser.add_argument("--out", default=None, help="PNG path of the grid (default: sample.png next to the delta)")
@@ -138,10 +138,7 @@ def main(args):
     model, out_dir = load(args)
     model = model.to(device).eval()
     vae = models.load_vae(args.vae).to(device).eval() if model.in_channels == 4 else None
-    if args.sampler == "ddim":
-        diffusion = create_diffusion(f"ddim{args.steps}")
-    else:
-        diffusion = create_diffusion(str(args.steps))
+    diffusion = create_diffusion(f"ddim{args.steps}" if args.sampler == "ddim" and args.steps.isdigit() else args.steps)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" else contextlib.nullcontext()
 
     with autocast:

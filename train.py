@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 import difffit
 import fid
@@ -346,6 +347,7 @@ def main(args):
         toy_measure("base")
     model.train()  # enables label dropout, so the unconditional branch keeps training (CFG)
     running, t0, since = torch.zeros((), device=device), time.time(), step
+    bar = tqdm(total=args.max_steps, initial=step, unit="step", disable=rank != 0 or not sys.stderr.isatty())  # terminals only
     while step < args.max_steps:
         for micro in range(args.grad_accum):
             x, y = get_batch(step * args.grad_accum + micro)
@@ -361,6 +363,7 @@ def main(args):
             for k, p in trained.items():
                 ema[k].lerp_(p.detach(), 1 - args.ema_decay)
         step += 1
+        bar.update()
 
         # Once in a while: log (the loss all-reduced over ranks), check it is finite, checkpoint, sample.
         if step % args.log_every == 0 or step % args.ckpt_every == 0 or step == args.max_steps:
@@ -384,6 +387,8 @@ def main(args):
             save_checkpoint()
         if args.sample_every and step % args.sample_every == 0:
             save_samples(f"samples-{step:07d}.png")
+
+    bar.close()
 
     # The results: the delta (EMA of the trained tensors), the merged plain DiT, and a grid of EMA samples.
     if rank == 0:
