@@ -221,8 +221,10 @@ def main(args):
     config = model.config  # a checkpoint written here brings its own
     base_grid = model.base_grid if args.ckpt != "scratch" and not args.no_pos_trick else None
     gamma_blocks = None
-    if args.gamma_blocks:
+    if args.gamma_blocks:  # "0-13" or "5"
         a, _, b = args.gamma_blocks.partition("-")
+        if not (a.isdigit() and (b or a).isdigit()):
+            die(f"--gamma-blocks {args.gamma_blocks}: expected a block range like 0-13 or one block like 5")
         gamma_blocks = list(range(int(a), int(b or a) + 1))
     new_labels = args.ckpt != "scratch" and not info.get("imagenet_labels")  # fresh class rows (difffit.py)
     spec = difffit.make_spec(model, args.method, info["classes"], gamma_blocks, not args.no_gamma_qkv,
@@ -359,9 +361,8 @@ def main(args):
             running += loss.detach() / args.grad_accum
         opt.step()
         opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for k, p in trained.items():
-                ema[k].lerp_(p.detach(), 1 - args.ema_decay)
+        with torch.no_grad():  # ema += (1 - decay)(p - ema), one fused kernel for all tensors
+            torch._foreach_lerp_([ema[k] for k in trained], [p.detach() for p in trained.values()], 1 - args.ema_decay)
         step += 1
         bar.update()
 

@@ -148,6 +148,8 @@ def test_two_processes_under_torchrun_train_in_sync(tmp_path, base):
     (["--data", "nope"], "--data nope: not a dataset"),
     (["--model", "DiT-XXL/2"], "invalid choice: 'DiT-XXL/2'"),
     (["--global-batch-size", "3", "--grad-accum", "2"], "not divisible"),
+    (["--gamma-blocks", "x-3"], "expected a block range like 0-13"),
+    (["--gamma-blocks", "0-99"], "out of range for a DiT of depth 6"),
 ])
 def test_bad_training_input_gives_one_clear_line(argv, needle, tmp_path):
     r = cli("train.py", *argv, "--results-dir", str(tmp_path))
@@ -208,3 +210,12 @@ def test_sampling_leaves_the_callers_rng_alone(base):
     a = sample.generate(model, sample.create_diffusion("2"), [0, 1], 2.0, seed=7)
     assert torch.equal(torch.rand(3), expected)
     assert torch.equal(sample.generate(model, sample.create_diffusion("2"), [0, 1], 2.0, seed=7), a)  # still seeded
+
+def test_ema_is_the_exponential_average_of_the_trained_tensors(tmp_path, base):
+    run_dir = run(tmp_path, base, "--max-steps", "1", "--ema-decay", "0.75")
+    ckpt = torch.load(os.path.join(run_dir, "ckpt.pt"), weights_only=True)
+    start = load_model(base, None)
+    difffit.apply(start, ckpt["spec"])  # the trained tensors as they were at step 0
+    for k, v in difffit.trainable_state_dict(start).items():
+        torch.testing.assert_close(ckpt["ema"][k], 0.75 * v + 0.25 * ckpt["params"][k])
+    assert any(not torch.equal(ckpt["params"][k], v) for k, v in difffit.trainable_state_dict(start).items())
