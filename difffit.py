@@ -1,23 +1,81 @@
 """
-DiffFit: which parameters of a pretrained DiT train, and everything that follows from that choice.
+DiffFit and the methods it is compared with: which parameters of a pretrained DiT train, and what follows from that.
 
 DiffFit (Xie et al. 2023, arXiv:2304.06648) freezes a pretrained DiT and trains only its biases, its class
 embedding and new scale factors γ (initialised to 1) on some blocks. This file does that model surgery after
-the base weights are loaded, counts parameters the way the paper's tables do, saves and loads the few-MB
-deltas, folds γ back into plain DiT weights, and interpolates the position table for 256 -> 512 transfer.
+the base weights are loaded, and the surgery of the paper's Table 1 baselines (BitFit, LoRA, AdaptFormer,
+VPT-deep); counts parameters the way the paper's tables do; saves and loads the few-MB deltas; folds γ and LoRA
+back into plain DiT weights; interpolates the position table for 256 -> 512 transfer; and draws Diff-Tuning's
+timesteps (Zhong et al. 2024, arXiv:2406.00773).
 
-    python difffit.py --model DiT-XL/2 --num-classes 101   # parameter table (meta device, no memory)
+    python difffit.py --model DiT-XL/2 --num-classes 101   # Table 1's parameter column (meta device, no memory)
 """
 import argparse
 import hashlib
+import math
+from functools import partial
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from models import DiT_models, get_2d_sincos_pos_embed
 
 # -----------------------------------------------------------------------------
-# which parameters train
+# modules the comparison methods add (Table 1). Each takes over the frozen tensors of the module it replaces
+# under their original names, and starts as the identity update, so the surgery leaves the function unchanged.
+
+class LoRALinear(nn.Module):
+    """A frozen Linear plus a trainable rank-r update B·A (LoRA, Hu et al. 2021, arXiv:2106.09685); B starts at 0."""
+
+    def __init__(self, linear, rank):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias  # same tensors, same state-dict keys (attn.qkv.weight)
+        kw = dict(device=linear.weight.device, dtype=linear.weight.dtype)
+        self.lora_a = nn.Parameter(torch.empty(rank, linear.in_features, **kw))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # nn.Linear's init, as LoRA's code does for A
+        self.lora_b = nn.Parameter(torch.zeros(linear.out_features, rank, **kw))
+        # LoRA scales B·A by alpha / r; we take alpha = r (scale 1): with Adam, a constant scale only moves the lr
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias) + F.linear(F.linear(x, self.lora_a), self.lora_b)
+
+class AdaptedMlp(nn.Module):
+    """DiT's MLP with an AdaptFormer bottleneck (Chen et al. 2022, arXiv:2205.13535) beside it or after it."""
+
+    def __init__(self, mlp, bottleneck, sequential):
+        super().__init__()
+        self.fc1, self.fc2 = mlp.fc1, mlp.fc2  # the frozen MLP, same keys (mlp.fc1.weight, ...)
+        dim, kw = mlp.fc1.in_features, dict(device=mlp.fc1.weight.device, dtype=mlp.fc1.weight.dtype)
+        self.adapter_down = nn.Linear(dim, bottleneck, **kw)
+        self.adapter_up = nn.Linear(bottleneck, dim, **kw)
+        nn.init.zeros_(self.adapter_up.weight)  # AdaptFormer zero-initialises the up-projection
+        nn.init.zeros_(self.adapter_up.bias)
+        self.sequential = sequential
+
+    def forward(self, x):
+        h = self.fc2(F.gelu(self.fc1(x), approximate="tanh"))  # DiT's MLP, unchanged
+        a = self.adapter_up(F.relu(self.adapter_down(h if self.sequential else x)))
+        return h + 0.1 * a  # s = 0.1, AdaptFormer's scale
+
+class PromptedBlock(nn.Module):
+    """VPT-deep (Jia et al. 2022, arXiv:2203.12119): learned tokens join this block's input and leave its output."""
+
+    def __init__(self, block, prompt):
+        super().__init__()
+        self.block, self.prompt = block, nn.Parameter(prompt)  # (P, D)
+
+    def forward(self, x, c):
+        p = self.prompt.expand(len(x), -1, -1)                 # (N, P, D)
+        return self.block(torch.cat([x, p], 1), c)[:, :x.shape[1]]  # (N, T, D): the prompts' outputs are dropped
+
+# -----------------------------------------------------------------------------
+# which parameters train: one function per method. Every method except full adds or selects its own parameters;
+# apply() then unfreezes the class table when the dataset's classes are new.
+
+def _train_only(model, keep):
+    for name, p in model.named_parameters():
+        p.requires_grad = keep(name)
 
 def _gamma(n, like):
     """A DiffFit scale factor: starts at 1, so the surgery leaves the model's function unchanged."""
@@ -25,15 +83,13 @@ def _gamma(n, like):
 
 def full(model, spec):
     """Full fine-tuning: every parameter trains, except the fixed sin-cos pos_embed."""
-    for name, p in model.named_parameters():
-        p.requires_grad = name != "pos_embed"
+    _train_only(model, lambda name: name != "pos_embed")
 
 def bitfit(model, spec):
-    """BitFit (Zaken et al. 2021): biases and the class embedding (Algorithm 2 without γ)."""
+    """BitFit (Zaken et al. 2021): the biases (Algorithm 2 without γ)."""
     # Algorithm 2 also unfreezes normalisation parameters; DiT's LayerNorms have no affine parameters,
     # so there is nothing to unfreeze there.
-    for name, p in model.named_parameters():
-        p.requires_grad = name.endswith(".bias") or name.startswith("y_embedder.")
+    _train_only(model, lambda name: name.endswith(".bias"))
 
 def difffit(model, spec):
     """DiffFit (Algorithm 1 + 2): BitFit plus γ on the chosen blocks, their qkv, and the final layer."""
@@ -45,12 +101,35 @@ def difffit(model, spec):
             block.attn.gamma_qkv = _gamma(3 * model.hidden_size, block.attn.qkv.weight)
     if spec["gamma_final"]:  # Table 4c row 6: γ on the final layer's output
         model.final_layer.gamma = _gamma(model.final_layer.linear.out_features, model.final_layer.linear.weight)
-    bitfit(model, spec)
-    for name, p in model.named_parameters():
-        if "gamma" in name:
-            p.requires_grad = True
+    _train_only(model, lambda name: name.endswith(".bias") or "gamma" in name)
 
-METHODS = {"full": full, "bitfit": bitfit, "difffit": difffit}
+def lora(model, spec, rank):
+    """LoRA on every block's fused qkv projection, nothing else (Table 1: ranks 8 and 16, 1.15M and 2.18M)."""
+    for block in model.blocks:
+        block.attn.qkv = LoRALinear(block.attn.qkv, rank)
+    _train_only(model, lambda name: ".lora_" in name)
+
+def adapter(model, spec, sequential):
+    """AdaptFormer on every block's MLP, parallel or sequential (Table 1: 4.28M, which is bottleneck 64 with biases)."""
+    for block in model.blocks:
+        block.mlp = AdaptedMlp(block.mlp, 64, sequential)
+    _train_only(model, lambda name: ".adapter_" in name)
+
+def vpt_deep(model, spec):
+    """VPT-deep with the paper's stable setting (§4.1): 1 token in each of the first 5 blocks, final layer unfrozen."""
+    # VPT's uniform init with the patch embedding's fan-in. VPT is the one method that cannot start as the base:
+    # any token that joins a softmax changes every query's attention average.
+    bound = math.sqrt(6 / (model.in_channels * model.patch_size**2 + model.hidden_size))
+    for i in range(min(5, model.depth)):
+        prompt = torch.empty_like(model.pos_embed[0, :1]).uniform_(-bound, bound)  # (1 token, D)
+        model.blocks[i] = PromptedBlock(model.blocks[i], prompt)
+    _train_only(model, lambda name: name.endswith(".prompt") or name.startswith("final_layer."))
+
+METHODS = {"full": full, "bitfit": bitfit, "difffit": difffit,
+           "lora-r8": partial(lora, rank=8), "lora-r16": partial(lora, rank=16),
+           "adapt-parallel": partial(adapter, sequential=False), "adapt-sequential": partial(adapter, sequential=True),
+           "vpt-deep": vpt_deep}
+MERGEABLE = {"full", "bitfit", "difffit", "lora-r8", "lora-r16"}  # the others add modules a plain DiT lacks
 
 # -----------------------------------------------------------------------------
 # the surgery, done once after the base weights are loaded
@@ -76,6 +155,8 @@ def apply(model, spec):
     if spec["new_labels"]:
         new_label_table(model, spec["num_classes"])
     METHODS[spec["method"]](model, spec)
+    if spec["new_labels"]:  # a new dataset's classes must be learned; ImageNet -> ImageNet-512 keeps them (§4.3)
+        model.y_embedder.embedding_table.weight.requires_grad = True
     return [name for name, p in model.named_parameters() if p.requires_grad]
 
 def new_label_table(model, num_classes):
@@ -140,13 +221,18 @@ def load_delta(model, delta):
 
 @torch.no_grad()
 def merge(model):
-    """A state dict in the published key layout with γ folded in; loads into a plain DiT(num_classes=K)."""
-    sd = {k: v.detach().clone() for k, v in model.state_dict().items() if "gamma" not in k}
+    """A state dict in the published key layout with γ and LoRA folded in; loads into a plain DiT(num_classes=K)."""
+    if any(isinstance(m, (AdaptedMlp, PromptedBlock)) for m in model.modules()):
+        raise ValueError("adapters and prompts are modules a plain DiT does not have, so they cannot be merged: "
+                         "sample from the base + delta.pt instead")
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items() if "gamma" not in k and ".lora_" not in k}
     def fold(prefix, gamma):  # γ ⊙ (W x + b) = (diag(γ) W) x + γ ⊙ b
         if gamma is not None:
             sd[prefix + ".weight"].mul_(gamma[:, None])
             sd[prefix + ".bias"].mul_(gamma)
     for i, block in enumerate(model.blocks):
+        if isinstance(block.attn.qkv, LoRALinear):  # W x + B A x = (W + B A) x
+            sd[f"blocks.{i}.attn.qkv.weight"] += block.attn.qkv.lora_b @ block.attn.qkv.lora_a
         fold(f"blocks.{i}.attn.qkv", block.attn.gamma_qkv)
         fold(f"blocks.{i}.attn.proj", block.gamma_attn)  # gate is per-channel too, so γ commutes with it
         fold(f"blocks.{i}.mlp.fc2", block.gamma_mlp)
@@ -164,7 +250,22 @@ def interpolate_pos_embed(model, base_grid):
     model.pos_embed.data.copy_(torch.as_tensor(table, dtype=model.pos_embed.dtype).reshape(model.pos_embed.shape))
 
 # -----------------------------------------------------------------------------
+# Diff-Tuning (Zhong et al. 2024, arXiv:2406.00773): composes with any method above; train.py mixes the batches
+
+def sample_timesteps(n, T, tau, towards="noise", device="cpu"):
+    """Diff-Tuning draws t, it does not weight the loss: P(t) ∝ (t + 1)^τ for downstream data (towards the noise
+    end, where the model must re-learn the domain), ∝ (T − t)^τ for the knowledge bank (towards the data end, where
+    the base's knowledge still holds). τ = 0 is plain training's uniform draw, with the same random numbers."""
+    if tau == 0:
+        return torch.randint(0, T, (n,), device=device)
+    w = torch.arange(1, T + 1, dtype=torch.float32, device=device) ** tau  # (t + 1)^τ for t = 0 .. T-1
+    return torch.multinomial(w if towards == "noise" else w.flip(0), n, replacement=True)
+
+# -----------------------------------------------------------------------------
 # parameter accounting like the paper's Table 1
+
+TABLE1 = {"full": "673.8M", "bitfit": "0.61M", "difffit": "0.83M", "lora-r8": "1.15M", "lora-r16": "2.18M",
+          "adapt-parallel": "4.28M", "adapt-sequential": "4.28M", "vpt-deep": "2.81M"}  # DiT-XL/2, Table 1
 
 def main():
     parser = argparse.ArgumentParser(description="Trainable parameters of each fine-tuning method (built on the meta device).")
@@ -180,9 +281,9 @@ def main():
         rows.append((method, sum(p.numel() for p in model.parameters() if p.requires_grad)))
     total = dict(rows)["full"]
     print(f"{args.model} @ {args.image_size}px, {args.num_classes} classes (pos_embed is fixed and excluded)")
-    print(f"{'method':<10} {'trainable':>13} {'%':>8}")
+    print(f"{'method':<17} {'trainable':>13} {'%':>8}  paper (Table 1, XL/2)")
     for method, n in rows:
-        print(f"{method:<10} {n:>13,} {100 * n / total:>7.2f}%")
+        print(f"{method:<17} {n:>13,} {100 * n / total:>7.2f}%  {TABLE1[method] if args.model == 'DiT-XL/2' else ''}")
 
 if __name__ == "__main__":
     main()

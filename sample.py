@@ -7,12 +7,15 @@ DiffFit: Xie et al. 2023, arXiv:2304.06648. DiT: Peebles & Xie 2022, arXiv:2212.
     python sample.py --delta results/000-food101-difffit/delta.pt --classes 0,1,2 --cfg-scale 4.0
     python sample.py --ckpt pretrained/DiT-XL-2-256x256.pt --classes 207,360,387,974   # a published model
     torchrun --nproc_per_node=8 sample.py --delta ... --num-fid-samples 50000 --cfg-scale 1.5   # FID set
+    torchrun --nproc_per_node=8 sample.py --ckpt pretrained/DiT-XL-2-256x256.pt --num-bank-samples 10000 --cfg-scale 1.5
+                                                                 # a Diff-Tuning knowledge bank (train.py --diff-tuning)
 """
 import argparse
 import contextlib
 import glob
 import math
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -43,11 +46,13 @@ parser.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"], help=
 parser.add_argument("--steps", default="250", help="sampling steps, or any respacing such as '10,15,20' (DiT: 250 DDPM steps)")
 parser.add_argument("--seed", type=int, default=0, help="same seed, same samples")
 parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16 autocast for speed")
-parser.add_argument("--out", default=None, help="PNG path of the grid (default: sample.png next to the delta)")
+parser.add_argument("--out", default=None, help="path of the grid PNG (default: sample.png next to the delta), or of the bank .npy")
 # FID sample sets
 parser.add_argument("--num-fid-samples", type=int, default=0, help="write this many samples for FID instead of a grid")
 parser.add_argument("--fid-dir", default=None, help="folder of the FID samples (PNGs + a .npz beside it)")
 parser.add_argument("--batch-size", type=int, default=32, help="samples per forward pass and rank")
+# Diff-Tuning knowledge bank
+parser.add_argument("--num-bank-samples", type=int, default=0, help="write this many samples, undecoded, as a knowledge bank for train.py --diff-tuning")
 
 # -----------------------------------------------------------------------------
 
@@ -69,8 +74,9 @@ def load(args):
     return model, os.path.dirname(path)
 
 @torch.no_grad()
-def generate(model, diffusion, labels, cfg_scale, seed=0, sampler="ddpm", vae=None, guide_channels=3, progress=False):
-    """uint8 images (N, H, W, 3) for the given labels; deterministic given the seed."""
+def generate(model, diffusion, labels, cfg_scale, seed=0, sampler="ddpm", vae=None, guide_channels=3, progress=False, raw=False):
+    """uint8 images (N, H, W, 3) for the given labels, or with raw=True the sampler's float output (N, C, H, W):
+    latents, or pixels in [-1, 1] for a pixel-space model. Deterministic given the seed."""
     device = next(model.parameters()).device
     n, c, s = len(labels), model.in_channels, model.input_size
     g = torch.Generator().manual_seed(seed)
@@ -84,7 +90,10 @@ def generate(model, diffusion, labels, cfg_scale, seed=0, sampler="ddpm", vae=No
     loop = diffusion.ddim_sample_loop if sampler == "ddim" else diffusion.p_sample_loop
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the caller's RNG stays as it was
         torch.manual_seed(seed)  # the noise drawn at each DDPM step
-        x = loop(fn, z.shape, z, clip_denoised=vae is None, model_kwargs=dict(y=y), device=device, progress=progress)[:n]
+        pixels = c == 3  # the toy's pixel-space DiT: clip x0 to [-1, 1] as ADM does for images; latents are not clipped
+        x = loop(fn, z.shape, z, clip_denoised=pixels, model_kwargs=dict(y=y), device=device, progress=progress)[:n]
+    if raw:
+        return x.float().cpu()
     if vae is not None:  # latents -> pixels
         x = vae.decode(x.float() / models.VAE_SCALE)
     return (127.5 * x.float() + 128).clamp(0, 255).permute(0, 2, 3, 1).to("cpu", torch.uint8)  # DiT's rounding
@@ -99,28 +108,41 @@ def save_grid(images, path, nrow=8):
         grid[2 + r * (h + 2):r * (h + 2) + h + 2, 2 + c * (w + 2):c * (w + 2) + w + 2] = im
     Image.fromarray(grid).save(path)
 
-def write_fid_samples(model, diffusion, args, vae, out_dir, rank, world):
-    """N samples as PNGs, classes balanced (sample i has class i mod K), batches split over ranks. Sample
-    batch b depends only on (seed, b), so an interrupted run resumes by skipping finished batches."""
-    os.makedirs(out_dir, exist_ok=True)
-    n, bs, k = args.num_fid_samples, args.batch_size, model.num_classes
+def write_samples(model, diffusion, args, vae, out, rank, world, bank=False):
+    """N samples, classes balanced (sample i has class i mod K), batches split over ranks. Sample batch b depends
+    only on (seed, b), so an interrupted run resumes by skipping finished batches. For FID: one PNG per sample in
+    the folder `out`, then an ADM .npz beside it. For a bank: the undecoded samples, one .npy per batch in
+    `out`.parts/, then float32 (N, C, H, W) in `out` (what train.py --diff-tuning reads)."""
+    parts = out + ".parts" if bank else out
+    os.makedirs(parts, exist_ok=True)
+    n, bs, k = args.num_bank_samples if bank else args.num_fid_samples, args.batch_size, model.num_classes
     batches = range(rank, math.ceil(n / bs), world)
-    for b in (tqdm(batches, desc="fid samples") if rank == 0 else batches):
+    for b in (tqdm(batches, desc="bank" if bank else "fid samples") if rank == 0 else batches):
         ids = range(b * bs, min(n, (b + 1) * bs))
-        if all(os.path.exists(os.path.join(out_dir, f"{i:06d}.png")) for i in ids):
+        files = [os.path.join(parts, f"{b:06d}.npy")] if bank else [os.path.join(parts, f"{i:06d}.png") for i in ids]
+        if all(os.path.exists(f) for f in files):
             continue
-        images = generate(model, diffusion, [i % k for i in ids], args.cfg_scale, seed=args.seed * 1_000_003 + b,
-                          sampler=args.sampler, vae=vae, guide_channels=None if args.guide_all_channels else 3)
-        for i, im in zip(ids, images.numpy()):
-            tmp = os.path.join(out_dir, f"{i:06d}.tmp.png")
-            Image.fromarray(im).save(tmp)
-            os.replace(tmp, os.path.join(out_dir, f"{i:06d}.png"))  # a PNG that exists is complete
+        x = generate(model, diffusion, [i % k for i in ids], args.cfg_scale, seed=args.seed * 1_000_003 + b,
+                     sampler=args.sampler, vae=vae, guide_channels=None if args.guide_all_channels else 3, raw=bank)
+        for f, item in zip(files, [x.numpy()] if bank else x.numpy()):
+            tmp = f[:-4] + ".tmp" + f[-4:]  # 000005.tmp.png
+            if bank:
+                np.save(tmp, item)
+            else:
+                Image.fromarray(item).save(tmp)
+            os.replace(tmp, f)  # a file that exists is complete
     if world > 1:
         dist.barrier()
-    if rank == 0:  # the ADM evaluator's format: arr_0, uint8 (N, H, W, 3)
-        arr = np.stack([np.asarray(Image.open(os.path.join(out_dir, f"{i:06d}.png"))) for i in range(n)])
-        np.savez(out_dir.rstrip("/") + ".npz", arr_0=arr)
-        print(f"wrote {n} samples to {out_dir}/ and {out_dir.rstrip('/')}.npz {tuple(arr.shape)}")
+    if rank == 0:
+        if bank:
+            arr = np.concatenate([np.load(os.path.join(parts, f"{b:06d}.npy")) for b in range(math.ceil(n / bs))])
+            np.save(out + ".tmp.npy", arr)
+            os.replace(out + ".tmp.npy", out)
+            shutil.rmtree(parts)
+        else:  # the ADM evaluator's format: arr_0, uint8 (N, H, W, 3)
+            arr = np.stack([np.asarray(Image.open(os.path.join(out, f"{i:06d}.png"))) for i in range(n)])
+            np.savez(out.rstrip("/") + ".npz", arr_0=arr)
+        print(f"wrote {n} samples to {out}{'' if bank else '/ and ' + out.rstrip('/') + '.npz'} {tuple(arr.shape)}")
 
 def main(args):
     # Setup: torchrun shares an FID sample set over ranks; a grid is one process.
@@ -142,9 +164,13 @@ def main(args):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" else contextlib.nullcontext()
 
     with autocast:
+        setting = f"{args.sampler}{args.steps}-cfg{args.cfg_scale}-seed{args.seed}"
         if args.num_fid_samples:
-            fid_dir = args.fid_dir or os.path.join(out_dir, f"fid-{args.num_fid_samples}-{args.sampler}{args.steps}-cfg{args.cfg_scale}-seed{args.seed}")
-            write_fid_samples(model, diffusion, args, vae, fid_dir, rank, world)
+            fid_dir = args.fid_dir or os.path.join(out_dir, f"fid-{args.num_fid_samples}-{setting}")
+            write_samples(model, diffusion, args, vae, fid_dir, rank, world)
+        elif args.num_bank_samples:  # labels are balanced over the base's classes; train.py gives them the null label
+            bank = args.out or os.path.join(out_dir, f"bank-{args.num_bank_samples}-{setting}.npy")
+            write_samples(model, diffusion, args, None, bank, rank, world, bank=True)
         elif rank == 0:
             classes = [int(c) for c in args.classes.split(",")] if args.classes else list(range(model.num_classes))
             bad = [c for c in classes if not 0 <= c < model.num_classes]

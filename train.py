@@ -1,11 +1,13 @@
 """
-Fine-tune a pretrained DiT on a new dataset with DiffFit (or BitFit, or full fine-tuning).
+Fine-tune a pretrained DiT on a new dataset with DiffFit (or one of the methods it is compared with), optionally
+with Diff-Tuning.
 
 DiffFit: Xie et al. 2023, arXiv:2304.06648. DiT: Peebles & Xie 2022, arXiv:2212.09748.
 
     torchrun --nproc_per_node=8 train.py --data food101           # the paper's setting (8 GPUs)
     python train.py --data food101 --global-batch-size 32         # one GPU
     python train.py                                               # the toy default: CPU, a few minutes
+    python train.py --method lora-r8                              # any method of difffit.py, on the toy
 
 The same script runs under `python` and `torchrun` (DDP is detected from the RANK variable).
 """
@@ -52,6 +54,11 @@ parser.add_argument("--method", default="difffit", choices=list(difffit.METHODS)
 parser.add_argument("--gamma-blocks", default=None, help="blocks that get γ, e.g. '0-13' (default: the first half, Table 4b)")
 parser.add_argument("--no-gamma-qkv", action="store_true", help="no γ on the qkv projections (Table 4c)")
 parser.add_argument("--no-gamma-final", action="store_true", help="no γ on the final layer (Table 4c)")
+# diff-tuning (Zhong et al. 2024, arXiv:2406.00773; composes with any --method)
+parser.add_argument("--diff-tuning", default=None, metavar="BANK", help="Diff-Tuning with this knowledge bank of base samples (sample.py --num-bank-samples)")
+parser.add_argument("--bank-fraction", type=float, default=0.2, help="share of each batch taken from the bank (Diff-Tuning: 0.2)")
+parser.add_argument("--bank-weight", type=float, default=0.1, help="weight of the bank's loss term (Diff-Tuning: 0.1)")
+parser.add_argument("--tau", type=float, default=1.0, help="downstream t ∝ (t+1)^τ, bank t ∝ (T-t)^τ (Diff-Tuning: 1; 0 = uniform)")
 # optimization
 parser.add_argument("--max-steps", type=int, default=None, help="optimizer steps (paper: 24,000; toy: 800)")
 parser.add_argument("--global-batch-size", type=int, default=None, help="images per step over all ranks (paper: 256; toy: 32)")
@@ -208,6 +215,10 @@ def main(args):
     if args.global_batch_size % (world * args.grad_accum):
         die(f"--global-batch-size {args.global_batch_size} is not divisible by {world} ranks x --grad-accum {args.grad_accum}")
     batch = args.global_batch_size // (world * args.grad_accum)  # per rank, per micro-step
+    n_bank = int(args.bank_fraction * batch) if args.diff_tuning else 0  # Diff-Tuning: 0.2 x 32 -> 6 bank + 26 data
+    if args.diff_tuning and not (0 <= args.bank_fraction < 1 and (n_bank or args.bank_fraction == 0)):
+        die(f"--bank-fraction {args.bank_fraction} of a per-rank batch of {batch} gives {n_bank} bank samples: use a fraction in (0, 1) and a larger batch")
+    n_data = batch - n_bank
     torch.manual_seed(args.seed * world + rank)
     use_bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_supported(device))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
@@ -255,7 +266,7 @@ def main(args):
         images, labels = prepare.load_toy(args.data)
         x_all = images.permute(0, 3, 1, 2).float().div(127.5).sub(1)  # uint8 NHWC -> float NCHW
         def get_batch(i):
-            idx = batch_indices(i, len(x_all), batch, rank, world, args.seed)
+            idx = batch_indices(i, len(x_all), n_data, rank, world, args.seed)
             x = x_all[idx].to(device)
             return torch.where(torch.rand(len(x), 1, 1, 1, device=device) < 0.5, x.flip(3), x), labels[idx].to(device)
     elif not args.no_cache:  # the VAE posteriors of both flips, encoded once (all ranks share the work)
@@ -263,11 +274,11 @@ def main(args):
         cache = prepare.open_cache(args.data, args.data_dir, "train", args.image_size, args.vae)
         labels = torch.from_numpy(cache["labels"])
         def get_batch(i):  # a fresh flip and posterior sample each time, as when encoding online
-            idx = batch_indices(i, len(labels), batch, rank, world, args.seed)
+            idx = batch_indices(i, len(labels), n_data, rank, world, args.seed)
             return prepare.sample_latents(cache, idx).to(device), labels[idx].to(device)
     else:  # encode every step, as DiT's train.py does (slower: the VAE costs more than a DiffFit step)
         ds = prepare.open_dataset(args.data, args.data_dir, "train", args.image_size)
-        order = (batch_indices(i, len(ds), batch, rank, world, args.seed).tolist() for i in range(step * args.grad_accum, args.max_steps * args.grad_accum))
+        order = (batch_indices(i, len(ds), n_data, rank, world, args.seed).tolist() for i in range(step * args.grad_accum, args.max_steps * args.grad_accum))
         loader = iter(torch.utils.data.DataLoader(ds, batch_sampler=order, num_workers=args.num_workers, collate_fn=prepare.collate, pin_memory=device.type == "cuda"))
         def get_batch(i):
             x, y = next(loader)  # uint8 (B, 3, S, S); unreadable images were dropped (and reported) by collate
@@ -276,12 +287,23 @@ def main(args):
             with torch.no_grad(), autocast:
                 mean, std = vae.encode(x)
             return (mean + std * torch.randn_like(std)) * VAE_SCALE, y.to(device)
+    if args.diff_tuning:  # the knowledge bank: base samples in the model's input space, trained with the null label
+        if not os.path.exists(args.diff_tuning):
+            die(f"--diff-tuning {args.diff_tuning}: no such bank; write one from the base with sample.py --num-bank-samples")
+        bank = np.load(args.diff_tuning, mmap_mode="r")  # float32 (N, C, H, W), read a batch at a time
+        if bank.shape[1:] != (model.in_channels, model.input_size, model.input_size):
+            die(f"--diff-tuning {args.diff_tuning}: its samples are {bank.shape[1:]}, this model takes "
+                f"{(model.in_channels, model.input_size, model.input_size)}; sample the bank from this base")
+        def get_bank(i):  # its own seeded stream of epochs; no flips: the samples are the base's own distribution
+            idx = batch_indices(i, len(bank), n_bank, rank, world, args.seed + 1)
+            return torch.from_numpy(bank[idx.numpy()]).to(device)
 
     # Run folder, log file, metrics CSV (rank 0).
     if rank == 0 and run_dir is None:
         os.makedirs(args.results_dir, exist_ok=True)
         n_runs = len(glob.glob(os.path.join(args.results_dir, "[0-9][0-9][0-9]-*")))
-        run_dir = os.path.join(args.results_dir, f"{n_runs:03d}-{args.data}-{args.method}")
+        name = f"{os.path.basename(os.path.normpath(args.data))}-{args.method}" + ("-difftuning" if args.diff_tuning else "")
+        run_dir = os.path.join(args.results_dir, f"{n_runs:03d}-{name}")
         os.makedirs(run_dir)
     if ddp:
         box = [run_dir]
@@ -300,6 +322,9 @@ def main(args):
     log0(f"args: {json.dumps(vars(args))}")
     log0(f"git {git_info()} | torch {torch.__version__} | {world} x {device} | {'bf16 autocast' if use_bf16 else 'fp32'}")
     log0(f"{args.method}: {n_trained:,} of {n_total:,} parameters train ({100 * n_trained / n_total:.3f}%) | {run_dir}")
+    if args.diff_tuning:
+        log0(f"Diff-Tuning: {n_bank} of {batch} samples per rank and micro-step from the bank ({len(bank):,} samples, "
+             f"loss weight {args.bank_weight}), τ = {args.tau}")
     if metrics and step == 0:
         metrics.writerow(["step", "loss", "lr", "img_per_s"])
         metrics_file.flush()
@@ -352,11 +377,19 @@ def main(args):
     bar = tqdm(total=args.max_steps, initial=step, unit="step", disable=rank != 0 or not sys.stderr.isatty())  # terminals only
     while step < args.max_steps:
         for micro in range(args.grad_accum):
-            x, y = get_batch(step * args.grad_accum + micro)
-            t = torch.randint(0, diffusion.num_timesteps, (len(x),), device=device)
+            i = step * args.grad_accum + micro
+            x, y = get_batch(i)
+            n = len(x)  # n_data, or fewer if --no-cache dropped unreadable images
+            # t uniform; Diff-Tuning: downstream t towards the noise end, where the model must learn the new domain
+            t = difffit.sample_timesteps(n, diffusion.num_timesteps, args.tau if args.diff_tuning else 0, "noise", device)
+            if n_bank:  # Diff-Tuning: one batch [data; bank], the bank with the null label and t towards the data end
+                x = torch.cat([x, get_bank(i)])
+                y = torch.cat([y, torch.full((n_bank,), model.num_classes, device=device)])
+                t = torch.cat([t, difffit.sample_timesteps(n_bank, diffusion.num_timesteps, args.tau, "data", device)])
             last = micro == args.grad_accum - 1
             with (train_model.no_sync() if ddp and not last else contextlib.nullcontext()), autocast:
-                loss = diffusion.training_losses(train_model, x, t, dict(y=y))["loss"].mean()
+                losses = diffusion.training_losses(train_model, x, t, dict(y=y))["loss"]  # (n + n_bank,)
+                loss = losses[:n].mean() + (args.bank_weight * losses[n:].mean() if n_bank else 0)
             (loss / args.grad_accum).backward()
             running += loss.detach() / args.grad_accum
         opt.step()
@@ -395,10 +428,13 @@ def main(args):
     if rank == 0:
         delta = {**difffit.make_delta(model, spec, ema), "config": config, "ckpt": args.ckpt}
         atomic_save(delta, os.path.join(run_dir, "delta.pt"))
-        with swapped_in(model, ema):
-            merged_config = {**config, "num_classes": spec["num_classes"]}
-            atomic_save({"config": merged_config, "model": difffit.merge(model)}, os.path.join(run_dir, "model.pt"))
-        log0(f"wrote {run_dir}/delta.pt ({os.path.getsize(os.path.join(run_dir, 'delta.pt')) / 1e6:.2f} MB) and {run_dir}/model.pt (merged)")
+        wrote = f"{run_dir}/delta.pt ({os.path.getsize(os.path.join(run_dir, 'delta.pt')) / 1e6:.2f} MB)"
+        if args.method in difffit.MERGEABLE:  # adapters and prompts are modules a plain DiT lacks: delta only
+            with swapped_in(model, ema):
+                merged_config = {**config, "num_classes": spec["num_classes"]}
+                atomic_save({"config": merged_config, "model": difffit.merge(model)}, os.path.join(run_dir, "model.pt"))
+            wrote += f" and {run_dir}/model.pt (merged)"
+        log0(f"wrote {wrote}")
     save_samples("samples.png")
     toy_measure("ema")
     if ddp:

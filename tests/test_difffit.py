@@ -31,28 +31,61 @@ def inputs(n=6, num_classes=10, input_size=8, seed=1):
     y = torch.randint(0, num_classes + 1, (n,), generator=g)
     return x, t, y
 
-def randomize_trained(model, seed=2):
-    """Pretend training happened: move every trained tensor (γ included) away from its start."""
+def randomize_trained(model, seed=2, only=None):
+    """Pretend training happened: move every trained tensor (γ included), or those named `only`, from its start."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
+        for name, p in model.named_parameters():
+            if p.requires_grad and (only is None or any(o in name for o in only)):
                 p.add_(0.1 * torch.randn(p.shape, generator=g))
 
 def test_trainable_sets_are_exact():
     model = tiny()
     every = [n for n, _ in model.named_parameters()]
-    biases = [n for n in every if n.endswith(".bias")] + ["y_embedder.embedding_table.weight"]
+    table = ["y_embedder.embedding_table.weight"]
+    biases = [n for n in every if n.endswith(".bias")]
+    lora = [f"blocks.{i}.attn.qkv.lora_{ab}" for i in range(4) for ab in "ab"]
+    adapters = [f"blocks.{i}.mlp.adapter_{ud}.{wb}" for i in range(4) for ud in ("down", "up") for wb in ("weight", "bias")]
     expected = {
         "full": [n for n in every if n != "pos_embed"],
-        "bitfit": biases,
-        "difffit": biases + [f"blocks.{i}.{g}" for i in (0, 1) for g in ("gamma_attn", "gamma_mlp", "attn.gamma_qkv")] + ["final_layer.gamma"],
+        "bitfit": biases + table,
+        "difffit": biases + table + [f"blocks.{i}.{g}" for i in (0, 1) for g in ("gamma_attn", "gamma_mlp", "attn.gamma_qkv")] + ["final_layer.gamma"],
+        "lora-r8": lora + table, "lora-r16": lora + table,
+        "adapt-parallel": adapters + table, "adapt-sequential": adapters + table,
+        "vpt-deep": [f"blocks.{i}.prompt" for i in range(4)] + [n for n in every if n.startswith("final_layer.")] + table,
     }
+    assert sorted(expected) == sorted(difffit.METHODS)
     for method, names in expected.items():
         m = tiny()
-        trained = difffit.apply(m, difffit.make_spec(m, method, 10, new_labels=False))
+        trained = difffit.apply(m, difffit.make_spec(m, method, 10))
         assert sorted(trained) == sorted(names), method
         assert sorted(trained) == sorted(n for n, p in m.named_parameters() if p.requires_grad)
+
+def test_class_table_is_frozen_when_the_classes_are_the_bases():
+    """ImageNet 256 -> ImageNet 512 (§4.3): "we do not need to fine-tune the label embedding"."""
+    for method in difffit.METHODS:
+        m = tiny()
+        trained = difffit.apply(m, difffit.make_spec(m, method, 10, new_labels=False))
+        assert ("y_embedder.embedding_table.weight" in trained) == (method == "full"), method
+
+def test_every_method_but_vpt_starts_as_the_base():
+    x, t, y = inputs()
+    base = tiny()(x, t, y)
+    for method in difffit.METHODS:
+        m = tiny()
+        difffit.apply(m, difffit.make_spec(m, method, 10, new_labels=False))
+        randomize_trained(m, only=("lora_a", "adapter_down"))  # the halves that may start anywhere
+        assert torch.equal(m(x, t, y), base) == (method != "vpt-deep"), method
+
+def test_vpt_deep_prompts_each_of_the_first_blocks():
+    m = tiny()
+    difffit.apply(m, difffit.make_spec(m, "vpt-deep", 10, new_labels=False))
+    x, t, y = inputs()
+    out = m(x, t, y)
+    assert out.shape == tiny()(x, t, y).shape  # the prompt tokens leave with their block
+    out.square().sum().backward()
+    for i in range(4):  # deep: every prompted block has its own token, and each one reaches the output
+        assert m.blocks[i].prompt.shape == (1, 32) and m.blocks[i].prompt.grad.abs().sum() > 0
 
 def test_gamma_placement_is_configurable():
     m = tiny()
@@ -108,17 +141,25 @@ def test_delta_on_wrong_base_is_refused():
     with pytest.raises(ValueError, match="another base model"):
         difffit.load_delta(tiny(seed=1), delta)
 
-def test_merge_equals_unmerged():
+@pytest.mark.parametrize("method", ["difffit", "lora-r8"])
+def test_merge_equals_unmerged(method):
     model = tiny()
-    difffit.apply(model, difffit.make_spec(model, "difffit", 5, gamma_blocks=[0, 2, 3]))
+    difffit.apply(model, difffit.make_spec(model, method, 5, gamma_blocks=[0, 2, 3]))
     randomize_trained(model)
     merged = difffit.merge(model)
-    assert not any("gamma" in k for k in merged)
+    assert not any("gamma" in k or "lora" in k for k in merged)
     plain = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=4, num_heads=4, num_classes=5).eval()
     plain.load_state_dict(merged, strict=True)  # the published layout: no DiffFit code needed
     x, t, y = inputs(num_classes=5)
     a, b = plain(x, t, y), model(x, t, y)
     assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+def test_methods_that_add_modules_refuse_to_merge():
+    for method in sorted(set(difffit.METHODS) - difffit.MERGEABLE):
+        model = tiny()
+        difffit.apply(model, difffit.make_spec(model, method, 5))
+        with pytest.raises(ValueError, match="cannot be merged"):
+            difffit.merge(model)
 
 def test_pos_embed_trick_lines_up_with_the_base_grid():
     small, big = tiny(input_size=8), tiny(input_size=16)  # 4x4 and 8x8 patch grids
@@ -136,17 +177,24 @@ def test_parameter_table_matches_the_paper():
             model = DiT_models["DiT-XL/2"]()
         counts[method] = sum(p.numel() for n in difffit.apply(model, difffit.make_spec(model, method, 101))
                              for p in [dict(model.named_parameters())[n]])
+    table = 102 * 1152  # every method trains the new class table: 101 classes + the null row
     assert counts["full"] == 673_799_072  # the paper's 673.8M (pos_embed excluded)
-    assert counts["bitfit"] == 607_136  # the paper's 0.61M: 489,632 biases + the 102 x 1152 class table
+    assert counts["bitfit"] == 607_136  # the paper's 0.61M: 489,632 biases + the class table
     # ours: BitFit + 14 blocks x (γ_attn 1152 + γ_mlp 1152 + γ_qkv 3456) + γ_final 32 (README explains vs 0.83M)
     assert counts["difffit"] == 607_136 + 14 * (1152 + 1152 + 3456) + 32
-    # a delta of that size is ~2.75 MB of fp32, within the 4 MB budget
-    assert counts["difffit"] * 4 < 4e6
+    assert counts["difffit"] * 4 < 4e6  # a delta of that size is ~2.75 MB of fp32, within the 4 MB budget
+    for r in (8, 16):  # 1.15M and 2.18M: A (r x 1152) and B (3456 x r) on 28 qkv projections
+        assert counts[f"lora-r{r}"] == 28 * r * (1152 + 3456) + table
+    for mode in ("parallel", "sequential"):  # 4.28M: 28 bottlenecks 1152 -> 64 -> 1152 with biases
+        assert counts[f"adapt-{mode}"] == 28 * (1152 * 64 + 64 + 64 * 1152 + 1152) + table == 4_280_320
+    # 2.81M: 5 prompt tokens + the final layer (adaLN 1152 -> 2304, linear 1152 -> 2*2*8) + the class table
+    assert counts["vpt-deep"] == 5 * 1152 + (1152 * 2304 + 2304) + (1152 * 32 + 32) + table == 2_816_672
 
 def test_parameter_table_command_prints_the_counts():
     out = subprocess.run([sys.executable, "difffit.py", "--model", "DiT-XL/2", "--num-classes", "101"],
                          cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    assert "673,799,072" in out and "607,136" in out and "687,808" in out
+    for count in ("673,799,072", "607,136", "687,808", "1,149,696", "2,181,888", "4,280,320", "2,816,672"):
+        assert count in out
 
 def test_256_to_512_transfer_replays_through_a_delta(tmp_path):
     """A base trained on a 4x4 grid, fine-tuned at 8x8 with the pos-embed trick; the delta rebuilds it exactly."""
@@ -163,3 +211,26 @@ def test_256_to_512_transfer_replays_through_a_delta(tmp_path):
     difffit.load_delta(again, difffit.make_delta(model, spec))
     x, t, y = inputs(num_classes=5, input_size=16)
     assert torch.equal(again.eval()(x, t, y), model.eval()(x, t, y))
+
+def test_diff_tuning_timesteps_follow_their_distributions():
+    """A chi-square test over 10 bins of 100 steps: downstream P(t) ∝ (t + 1)^τ, bank P(t) ∝ (T − t)^τ."""
+    from scipy.stats import chisquare
+    T, n = 1000, 200_000
+    torch.manual_seed(0)
+    for tau in (1.0, 0.5):
+        for towards, weight in (("noise", lambda t: (t + 1) ** tau), ("data", lambda t: (T - t) ** tau)):
+            t = difffit.sample_timesteps(n, T, tau, towards)
+            assert t.min() >= 0 and t.max() < T
+            p = weight(torch.arange(T, dtype=torch.float64))
+            expected = (p / p.sum()).reshape(10, 100).sum(1) * n
+            observed = torch.bincount(t // 100, minlength=10).double()
+            assert chisquare(observed.numpy(), expected.numpy()).pvalue > 1e-3, (tau, towards)
+    # and the test can tell the two directions apart
+    t = difffit.sample_timesteps(n, T, 1.0, "noise")
+    assert abs(t.double().mean().item() - 666) < 3  # E[t] = 665.67 for P ∝ t + 1
+
+def test_tau_zero_is_plain_training_uniform_draw():
+    torch.manual_seed(3)
+    a = difffit.sample_timesteps(64, 1000, 0.0, "data")
+    torch.manual_seed(3)
+    assert torch.equal(a, torch.randint(0, 1000, (64,)))

@@ -126,13 +126,13 @@ def test_fid_sample_set_is_balanced_and_resumable(tmp_path, base):
     model = load_model(base, None).eval()
     args = sample.parser.parse_args(["--num-fid-samples", "10", "--batch-size", "4", "--steps", "2", "--cfg-scale", "1"])
     out = str(tmp_path / "fid")
-    sample.write_fid_samples(model, sample.create_diffusion("2"), args, None, out, 0, 1)
+    sample.write_samples(model, sample.create_diffusion("2"), args, None, out, 0, 1)
     import numpy as np
     arr = np.load(out + ".npz")["arr_0"]
     assert arr.shape == (10, 32, 32, 3) and arr.dtype == np.uint8
     first = (tmp_path / "fid" / "000005.png").read_bytes()
     os.remove(tmp_path / "fid" / "000005.png")  # an interrupted run: one batch missing
-    sample.write_fid_samples(model, sample.create_diffusion("2"), args, None, out, 0, 1)
+    sample.write_samples(model, sample.create_diffusion("2"), args, None, out, 0, 1)
     assert (tmp_path / "fid" / "000005.png").read_bytes() == first
 
 def test_two_processes_under_torchrun_train_in_sync(tmp_path, base):
@@ -150,6 +150,8 @@ def test_two_processes_under_torchrun_train_in_sync(tmp_path, base):
     (["--global-batch-size", "3", "--grad-accum", "2"], "not divisible"),
     (["--gamma-blocks", "x-3"], "expected a block range like 0-13"),
     (["--gamma-blocks", "0-99"], "out of range for a DiT of depth 6"),
+    (["--diff-tuning", "nobank.npy"], "no such bank"),
+    (["--diff-tuning", "nobank.npy", "--global-batch-size", "4"], "gives 0 bank samples"),
 ])
 def test_bad_training_input_gives_one_clear_line(argv, needle, tmp_path):
     r = cli("train.py", *argv, "--results-dir", str(tmp_path))
@@ -219,3 +221,60 @@ def test_ema_is_the_exponential_average_of_the_trained_tensors(tmp_path, base):
     for k, v in difffit.trainable_state_dict(start).items():
         torch.testing.assert_close(ckpt["ema"][k], 0.75 * v + 0.25 * ckpt["params"][k])
     assert any(not torch.equal(ckpt["params"][k], v) for k, v in difffit.trainable_state_dict(start).items())
+
+@pytest.mark.parametrize("method", ["bitfit", "lora-r8", "adapt-parallel", "adapt-sequential", "vpt-deep"])
+def test_every_method_trains_and_samples_from_its_delta(tmp_path, base, method):
+    run_dir = run(tmp_path, base, "--max-steps", "2", "--method", method)
+    delta = torch.load(os.path.join(run_dir, "delta.pt"), weights_only=True)
+    assert delta["spec"]["method"] == method
+    assert os.path.exists(os.path.join(run_dir, "model.pt")) == (method in difffit.MERGEABLE)
+    r = cli("sample.py", "--delta", os.path.join(run_dir, "delta.pt"), "--steps", "2", "--classes", "0,1", "--out", str(tmp_path / "s.png"))
+    assert r.returncode == 0 and os.path.exists(tmp_path / "s.png"), r.stderr
+
+@pytest.fixture
+def bank(tmp_path, base):
+    """A knowledge bank of 10 samples of the tiny base, written by sample.py (2 batches of 6 and 4)."""
+    path = str(tmp_path / "bank.npy")
+    r = cli("sample.py", "--ckpt", base, "--num-bank-samples", "10", "--batch-size", "6", "--steps", "2", "--cfg-scale", "1.5", "--out", path)
+    assert r.returncode == 0, r.stderr
+    return path
+
+def test_bank_holds_the_bases_undecoded_samples(base, bank):
+    import numpy as np
+    arr = np.load(bank)
+    assert arr.shape == (10, 3, 32, 32) and arr.dtype == np.float32 and np.abs(arr).max() <= 1  # pixels, clipped
+    first = sample.generate(load_model(base, None).eval(), sample.create_diffusion("2"), list(range(6)), 1.5, seed=0, raw=True)
+    assert torch.equal(torch.from_numpy(arr[:6]), first)  # batch b is seeded by b, labels i mod K
+
+def test_diff_tuning_without_bank_share_or_tau_is_plain_training(tmp_path, base, bank):
+    plain = run(tmp_path / "a", base, "--max-steps", "3")
+    dt = run(tmp_path / "b", base, "--max-steps", "3", "--diff-tuning", bank, "--bank-fraction", "0", "--tau", "0")
+    a = torch.load(os.path.join(plain, "ckpt.pt"), weights_only=True)
+    b = torch.load(os.path.join(dt, "ckpt.pt"), weights_only=True)
+    for k in a["params"]:  # bit for bit, step for step
+        assert torch.equal(a["params"][k], b["params"][k]) and torch.equal(a["ema"][k], b["ema"][k]), k
+    loss = lambda d: [l.split(",")[1] for l in open(os.path.join(d, "metrics.csv")).read().splitlines()[1:]]
+    assert loss(plain) == loss(dt)
+
+def test_diff_tuning_mixes_the_bank_into_each_batch(tmp_path, base, bank, monkeypatch):
+    """Batch 10 = 8 data + 2 bank samples with the null label; loss = mean(data) + 0.1 mean(bank)."""
+    import numpy as np
+    seen = []
+    real = train.create_diffusion
+    def spy(respacing):
+        d = real(respacing)
+        losses = d.training_losses
+        def wrapped(model, x, t, model_kwargs, **kw):
+            out = losses(model, x, t, model_kwargs, **kw)
+            seen.append((x.clone(), t.clone(), model_kwargs["y"].clone(), out["loss"].detach().clone()))
+            return out
+        d.training_losses = wrapped
+        return d
+    monkeypatch.setattr(train, "create_diffusion", spy)
+    run_dir = run(tmp_path, base, "--max-steps", "2", "--global-batch-size", "10", "--diff-tuning", bank, "--eval-per-class", "0")
+    x, t, y, losses = seen[0]
+    assert len(x) == 10 and y[8:].tolist() == [8, 8]  # the toy target has 8 classes: the null label is 8
+    bank_rows = torch.from_numpy(np.load(bank))
+    assert all(any(torch.equal(row, b) for b in bank_rows) for row in x[8:])
+    logged = float(open(os.path.join(run_dir, "metrics.csv")).read().splitlines()[1].split(",")[1])
+    assert abs(logged - (losses[:8].mean() + 0.1 * losses[8:].mean()).item()) < 1e-5
