@@ -53,10 +53,6 @@ def space_timesteps(num_timesteps, section_counts):
 # -----------------------------------------------------------------------------
 # small helpers
 
-def _at(arr, t, x):
-    """arr[t] for a float64 table, cast to float32 and shaped (N, 1, 1, ...) to broadcast against x."""
-    return torch.from_numpy(arr).to(t.device)[t].float().view(-1, *[1] * (x.dim() - 1))
-
 def _mean_flat(x):
     return x.mean(dim=list(range(1, x.dim())))  # (N,): mean over C, H, W
 
@@ -107,21 +103,36 @@ class GaussianDiffusion:
         self.posterior_mean_coef1 = b * np.sqrt(ac_prev) / (1.0 - ac)
         self.posterior_mean_coef2 = (1.0 - ac_prev) * np.sqrt(1.0 - b) / (1.0 - ac)
         self.log_betas = np.log(b)  # upper end of the learned variance range, of THIS (respaced) chain
+        self._tables = {}  # (name, device) -> the table as a tensor there, made on first use (_on)
+
+    def _on(self, name, device):
+        """Table `name` as a tensor on `device`, copied there once: the reference copies it at every lookup,
+        a host-to-device copy (and a sync on GPUs) ~10 times per step. float64 becomes float32, as in the
+        reference's lookups (which cast after indexing: the same values)."""
+        key = (name, device)
+        if key not in self._tables:
+            table = torch.as_tensor(getattr(self, name))
+            self._tables[key] = (table.float() if table.dtype == torch.float64 else table).to(device)
+        return self._tables[key]
+
+    def _at(self, name, t, x):
+        """Table `name` at steps t, float32, shaped (N, 1, 1, ...) to broadcast against x."""
+        return self._on(name, t.device)[t].view(-1, *[1] * (x.dim() - 1))
 
     def q_sample(self, x_start, t, noise=None):
         """x_t = √ᾱ_t·x_0 + √(1-ᾱ_t)·ε (DDPM Eq. 4); t are (respaced) indices."""
         if noise is None:
             noise = torch.randn_like(x_start)
-        return _at(self.sqrt_alphas_cumprod, t, x_start) * x_start + _at(self.sqrt_one_minus_alphas_cumprod, t, x_start) * noise
+        return self._at("sqrt_alphas_cumprod", t, x_start) * x_start + self._at("sqrt_one_minus_alphas_cumprod", t, x_start) * noise
 
     def _q_posterior(self, x_start, x_t, t):
         """Mean and clipped log variance of q(x_{t-1} | x_t, x_0) (DDPM Eq. 7)."""
-        mean = _at(self.posterior_mean_coef1, t, x_t) * x_start + _at(self.posterior_mean_coef2, t, x_t) * x_t
-        return mean, _at(self.posterior_log_variance_clipped, t, x_t)
+        mean = self._at("posterior_mean_coef1", t, x_t) * x_start + self._at("posterior_mean_coef2", t, x_t) * x_t
+        return mean, self._at("posterior_log_variance_clipped", t, x_t)
 
     def _model(self, model, x, t, model_kwargs):
         """Run the model at the ORIGINAL steps timestep_map[t]; split its float32 output into (ε, v)."""
-        out = model(x, self.timestep_map.to(t.device)[t], **(model_kwargs or {}))
+        out = model(x, self._on("timestep_map", t.device)[t], **(model_kwargs or {}))
         out = out.float()  # the loss math runs in fp32 even under bf16 autocast (a no-op in fp32)
         C = x.shape[1]
         assert out.shape[1] == 2 * C, f"model must return (N, 2C, ...) = ε and v, got {tuple(out.shape)}"
@@ -131,11 +142,11 @@ class GaussianDiffusion:
         """p(x_{t-1} | x_t) from the model's ε and v."""
         # learned-range variance, IDDPM Eq. 15: log Σ = frac·log β_t + (1 - frac)·log β̃_t with frac = (v + 1)/2,
         # not clamped, both ends from this (possibly respaced) chain
-        min_log, max_log = _at(self.posterior_log_variance_clipped, t, x), _at(self.log_betas, t, x)
+        min_log, max_log = self._at("posterior_log_variance_clipped", t, x), self._at("log_betas", t, x)
         frac = (v + 1) / 2
         log_var = frac * max_log + (1 - frac) * min_log
         # x_0 from ε by inverting DDPM Eq. 4, then the posterior mean at that x_0 (DDPM Eq. 7)
-        x0 = _at(self.sqrt_recip_alphas_cumprod, t, x) * x - _at(self.sqrt_recipm1_alphas_cumprod, t, x) * eps
+        x0 = self._at("sqrt_recip_alphas_cumprod", t, x) * x - self._at("sqrt_recipm1_alphas_cumprod", t, x) * eps
         if clip_denoised:
             x0 = x0.clamp(-1, 1)
         mean, _ = self._q_posterior(x0, x, t)
@@ -206,8 +217,8 @@ class GaussianDiffusion:
             else:
                 # DDIM: ε re-derived from the (possibly clipped) x_0, then Song et al. Eq. 12 with σ from Eq. 16
                 x0 = out["pred_xstart"]
-                eps = (_at(self.sqrt_recip_alphas_cumprod, t, x) * x - x0) / _at(self.sqrt_recipm1_alphas_cumprod, t, x)
-                ab, ab_prev = _at(self.alphas_cumprod, t, x), _at(self.alphas_cumprod_prev, t, x)
+                eps = (self._at("sqrt_recip_alphas_cumprod", t, x) * x - x0) / self._at("sqrt_recipm1_alphas_cumprod", t, x)
+                ab, ab_prev = self._at("alphas_cumprod", t, x), self._at("alphas_cumprod_prev", t, x)
                 sigma = eta * torch.sqrt((1 - ab_prev) / (1 - ab)) * torch.sqrt(1 - ab / ab_prev)
                 x = x0 * torch.sqrt(ab_prev) + torch.sqrt(1 - ab_prev - sigma ** 2) * eps + nonzero * sigma * z
         return x

@@ -215,6 +215,9 @@ class DiT(nn.Module):
         if torch.compiler.is_compiling():  # min/max would be a host sync and a graph break
             return
         top = self.y_embedder.embedding_table.num_embeddings - 1  # num_classes (the null class) if labels can be dropped
+        if y.device.type != "cpu":  # .item() would stall the GPU queue every forward: check asynchronously instead
+            torch._assert_async(((y >= 0) & (y <= top)).all(), f"class labels must be in [0, {top}]")
+            return
         lo, hi = y.min().item(), y.max().item()
         if lo < 0 or hi > top:
             null = f", {self.num_classes} = null class" if top == self.num_classes else " (no null class: class_dropout_prob=0)"

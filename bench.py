@@ -1,0 +1,263 @@
+"""
+Training and sampling speed of this repo, measured side by side with a reference-style loop (written the way DiT's
+train.py and ADM's sampler work) on the same model and data, in one run. DiffFit: Xie et al. 2023, arXiv:2304.06648.
+
+    python bench.py                                                   # DiT-S/2, 256 px, batch 16: training
+    python bench.py --model DiT-B/2 --steps 1                         # the same for DiT-B/2
+    python bench.py --what memory --model DiT-XL/2 --batch-size 4     # peak memory, a fresh process per row
+    python bench.py --what sample --batch-size 2                      # 250-step DDPM with CFG: sample.py vs reference
+    python bench.py --vae --methods difffit --batch-size 4            # also encode with the VAE every step
+    python bench.py --profile difffit                                 # where one DiffFit step spends its time
+
+Weights and latents are random: speed does not depend on their values, and reading a latent cache is a copy. The VAE
+rows encode random images with a random-weight SD VAE of the published config (83.7M parameters). Rows take turns
+(round-robin, --rounds times) and the median is reported, so all rows share whatever else the machine is doing.
+"""
+import argparse
+import contextlib
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import difffit
+import models
+from diffusion import GaussianDiffusion, create_diffusion
+from models import DiT_models
+from sample import generate
+
+parser = argparse.ArgumentParser(description="img/s, TFLOP/s and peak memory of training and sampling, vs a reference-style loop.")
+# what to measure
+parser.add_argument("--what", default="train", choices=["train", "memory", "sample"], help="training speed, training peak memory, or sampling speed")
+parser.add_argument("--model", default="DiT-S/2", choices=list(DiT_models), help="DiT config (random weights)")
+parser.add_argument("--image-size", type=int, default=256, help="image resolution (latents are /8)")
+parser.add_argument("--batch-size", type=int, default=16, help="images per step (sampling: images per call, CFG doubles it)")
+parser.add_argument("--num-classes", type=int, default=101, help="classes of the new dataset (Food-101: 101)")
+parser.add_argument("--methods", default="full,bitfit,difffit", help="comma-separated fine-tuning methods to run")
+parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "both"], help="auto: fp32, plus bf16 where the hardware has it")
+parser.add_argument("--vae", action="store_true", help="add rows that encode images with the VAE every step (slow on CPUs)")
+parser.add_argument("--compile", action="store_true", help="add torch.compile rows")
+# timing
+parser.add_argument("--steps", type=int, default=2, help="timed steps per row and round")
+parser.add_argument("--warmup", type=int, default=1, help="untimed steps per row first")
+parser.add_argument("--rounds", type=int, default=3, help="round-robin passes over the rows; the median is reported")
+parser.add_argument("--sample-steps", default="250", help="DDPM respacing to sample with (DiT: 250)")
+parser.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale")
+parser.add_argument("--profile", default=None, metavar="ROW", help="instead of the table: where one step of this row (e.g. 'difffit') spends its time")
+parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # --what memory: the one row this process runs
+
+# -----------------------------------------------------------------------------
+# the reference style: what this repo does differently, undone
+
+class RefAttention(models.Attention):
+    """timm's eager attention (fused_attn False), as DiT runs it: q·scale @ kᵀ, softmax, @ v, all materialised."""
+
+    def forward(self, x):
+        B, T, C = x.shape
+        qkv = self.qkv(x)
+        if self.gamma_qkv is not None:
+            qkv = qkv * self.gamma_qkv
+        q, k, v = qkv.view(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (q * (C // self.num_heads) ** -0.5) @ k.transpose(-2, -1)  # (B, nh, T, T)
+        return self.proj((attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(B, T, C))
+
+class RefDiffusion(GaussianDiffusion):
+    """ADM's table lookups: the float64 table is copied to the device at every lookup, then indexed and cast."""
+
+    def _on(self, name, device):
+        return torch.as_tensor(getattr(self, name)).to(device)
+
+    def _at(self, name, t, x):
+        return self._on(name, t.device)[t].float().view(-1, *[1] * (x.dim() - 1))
+
+def build(method, ref, device):
+    """A random-weight DiT after the surgery of `method`; ref: with the reference's attention."""
+    torch.manual_seed(0)
+    with device:  # built in place: on the meta device it costs nothing (FLOP counting)
+        model = DiT_models[args.model](input_size=args.image_size // 8, num_classes=1000)
+    for block in model.blocks if ref else []:
+        block.attn.__class__ = RefAttention  # same parameters, eager forward
+    difffit.apply(model, difffit.make_spec(model, method, args.num_classes))
+    return model.train()
+
+def diffusion_for(respacing, ref):
+    diffusion = create_diffusion(respacing)
+    if ref:
+        diffusion.__class__ = RefDiffusion  # the same tables, looked up the reference's way
+    return diffusion
+
+# -----------------------------------------------------------------------------
+# the rows: a name like "ref difffit", "difffit bf16", "difffit +vae" or "full compile" says what runs
+
+def method_of(row):
+    return next(w for w in row.split() if w in difffit.METHODS)
+
+def trainer(row, device):
+    """One training step of `row` as a closure on fixed random data; step(False) skips optimizer and EMA."""
+    ref, compiled = row.startswith("ref"), "compile" in row
+    model = build(method_of(row), ref, device)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    if ref:  # DiT's train.py: AdamW over all parameters, an EMA of the whole model updated tensor by tensor
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
+        ema, params = [p.detach().clone() for p in model.parameters()], list(model.parameters())
+        update_ema = lambda: [e.mul_(0.9999).add_(p.detach(), alpha=1 - 0.9999) for e, p in zip(ema, params)]
+    else:  # train.py: AdamW and EMA over the trained tensors only, the EMA in one fused kernel
+        opt = torch.optim.AdamW(trained, lr=1e-3, weight_decay=0, fused=device.type == "cuda")
+        ema = [p.detach().clone() for p in trained]
+        update_ema = lambda: torch._foreach_lerp_(ema, [p.detach() for p in trained], 1 - 0.9999)
+    diffusion = diffusion_for("", ref)
+    net = torch.compile(model) if compiled else model
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if "bf16" in row else contextlib.nullcontext()
+    B, s = args.batch_size, args.image_size // 8
+    x0, y = torch.randn(B, 4, s, s, device=device), torch.randint(0, args.num_classes, (B,), device=device)
+    if "+vae" in row:
+        with device:
+            vae = models.AutoencoderKL().eval()
+        images = torch.rand(B, 3, 8 * s, 8 * s, device=device) * 2 - 1
+
+    def step(optimize=True):
+        x = x0
+        if "+vae" in row:  # DiT's train.py: encode the batch every step, then sample the posterior
+            with torch.no_grad(), autocast:
+                mean, std = vae.encode(images)
+            x = (mean + std * torch.randn_like(std)) * models.VAE_SCALE
+        t = torch.randint(0, diffusion.num_timesteps, (B,), device=device)
+        with autocast:
+            loss = diffusion.training_losses(net, x, t, dict(y=y))["loss"].mean()
+        loss.backward()
+        if optimize:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                update_ema()
+        return loss
+    step.model = model
+    return step
+
+def sampler(row, device):
+    """One call of sample.py's generate (or of the reference-style loop) as a closure; `respacing` picks the chain."""
+    ref = row.startswith("ref")
+    model = build("difffit", ref, device).eval()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if "bf16" in row else contextlib.nullcontext()
+    labels = [i % args.num_classes for i in range(args.batch_size)]
+
+    @torch.no_grad()
+    def run(respacing=args.sample_steps):
+        diffusion = diffusion_for(respacing, ref)
+        if not ref:
+            with autocast:
+                return generate(model, diffusion, labels, args.cfg_scale)
+        # ADM's p_sample_loop as DiT's sample.py drives it: CFG on the doubled batch
+        z = torch.randn(len(labels), 4, model.input_size, model.input_size, device=device)
+        y = torch.tensor(labels + [model.num_classes] * len(labels), device=device)
+        return diffusion.p_sample_loop(model.forward_with_cfg, None, torch.cat([z, z]), model_kwargs=dict(y=y, cfg_scale=args.cfg_scale))
+    return run
+
+def matmul_peak(device, n=2048, k=8):
+    """k fp32 n x n matmuls: the machine's achievable TFLOP/s, timed in the same rounds as the rows."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    return lambda *_: [a @ b for _ in range(k)], 2 * n ** 3 * k
+
+@torch.no_grad()
+def sample_flops():
+    """FLOPs of one sampling call: one guided model call on the doubled batch per step (on the meta device)."""
+    meta, n, s = torch.device("meta"), 2 * args.batch_size, args.image_size // 8
+    model = build("difffit", False, meta).eval()
+    with FlopCounterMode(display=False) as counter:
+        model.forward_with_cfg(torch.empty(n, 4, s, s, device=meta), torch.zeros(n, dtype=torch.long, device=meta),
+                               torch.zeros(n, dtype=torch.long, device=meta), args.cfg_scale)
+    return counter.get_total_flops() * create_diffusion(args.sample_steps).num_timesteps
+
+def train_flops(row):
+    """FLOPs of one training step (forward and backward; the optimizer's are negligible), on the meta device."""
+    with FlopCounterMode(display=False) as counter:
+        trainer(row.replace(" compile", ""), torch.device("meta"))(optimize=False)
+    return counter.get_total_flops()
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+# -----------------------------------------------------------------------------
+
+def main():
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py and sample.py
+    if args.profile:  # the operators that take the time of one step (after a warm-up step)
+        step = trainer(args.profile, device)
+        step()
+        with torch.profiler.profile() as prof:
+            step()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+        return
+    if args.child:  # --what memory: one row for warmup + steps steps, then this process's peak
+        step = trainer(args.child, device)
+        for _ in range(args.warmup + args.steps):
+            step()
+        print(torch.cuda.max_memory_allocated() if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        return
+
+    # The rows: the reference-style loop of each method (fp32, cached latents), then ours in each precision.
+    has_bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    precisions = {"auto": [""] + [" bf16"] * has_bf16, "fp32": [""], "bf16": [" bf16"], "both": ["", " bf16"]}[args.precision]
+    methods = args.methods.split(",")
+    if args.what == "sample":
+        rows = ["ref sample"] + [f"sample{p}" for p in precisions]
+    else:
+        rows = [f"ref {m}" for m in methods] + [f"{m}{p}" for p in precisions for m in methods]
+        rows += [f"{methods[-1]}{p} +vae" for p in precisions if args.vae]
+        rows += [f"{m}{p} compile" for p in precisions for m in methods if args.compile]
+    ref_of = lambda row: "ref sample" if args.what == "sample" else f"ref {method_of(row)}"
+    full_of = lambda row: None if args.what == "sample" else row.replace(method_of(row), "full")  # same setting, full fine-tuning
+    print(f"{args.model} @ {args.image_size}px ({args.image_size // 8}x{args.image_size // 8} latents), batch {args.batch_size}, "
+          f"{device.type} ({torch.get_num_threads()} threads), torch {torch.__version__}, native bf16: {has_bf16}")
+
+    if args.what == "memory":  # a fresh process per row, so each peak is its own
+        print(f"{'row':<22} {'peak GB':>8} {'vs ref':>7} {'vs full':>8}")
+        peak = {}
+        for row in rows:
+            out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", row], capture_output=True, text=True)
+            if out.returncode:
+                sys.exit(f"{row} failed:\n{out.stderr}")
+            peak[row] = int(out.stdout.split()[-1]) / 2**30
+            vs_full = f"{peak[row] / peak[full_of(row)]:8.2f}" if full_of(row) in peak else f"{'':>8}"
+            print(f"{row:<22} {peak[row]:8.2f} {peak[row] / peak[ref_of(row)]:7.2f} {vs_full}", flush=True)
+        return
+
+    # Build and warm up every row (sampling warms up on a 2-step chain), then time them in turns.
+    steps = {row: (sampler if args.what == "sample" else trainer)(row, device) for row in rows}
+    flops = {row: sample_flops() if args.what == "sample" else train_flops(row) for row in rows}
+    steps["matmul peak"], flops["matmul peak"] = matmul_peak(device)
+    for step in steps.values():
+        for _ in range(args.warmup):
+            step("2") if args.what == "sample" else step()
+    reps = args.steps if args.what == "train" else 1
+    times = {row: [] for row in steps}
+    for _ in range(args.rounds):
+        for row, step in steps.items():
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                step()
+            sync(device)
+            times[row].append((time.perf_counter() - t0) / reps)
+    dt = {row: statistics.median(ts) for row, ts in times.items()}
+    peak = flops["matmul peak"] / dt["matmul peak"] / 1e12
+
+    # The table: img/s, and ratios to the reference-style loop of the same method and to our full fine-tuning.
+    print(f"median of {args.rounds} rounds x {reps} {'sampling calls' if args.what == 'sample' else 'steps'} after {args.warmup} warm-up; "
+          f"fp32 matmul peak (2048², timed in the same rounds): {peak:.3f} TFLOP/s")
+    unit = f"s/call" if args.what == "sample" else "s/step"
+    print(f"{'row':<22} {unit:>8} {'img/s':>8} {'vs ref':>7} {'vs full':>8} {'TFLOP/s':>8} {'% peak':>7}")
+    for row in rows:
+        tf = flops[row] / dt[row] / 1e12
+        vs_full = f"{dt[row] / dt[full_of(row)]:8.2f}" if full_of(row) in dt else f"{'':>8}"
+        print(f"{row:<22} {dt[row]:8.3f} {args.batch_size / dt[row]:8.3f} {dt[ref_of(row)] / dt[row]:7.2f}x {vs_full} {tf:8.3f} {100 * tf / peak:6.0f}%")
+
+if __name__ == "__main__":
+    args = parser.parse_args()
+    main()

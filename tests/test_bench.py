@@ -1,0 +1,90 @@
+"""
+bench.py: its reference-style baseline computes what our training step computes, and the command prints its tables.
+
+    python -m pytest tests/test_bench.py
+"""
+import pytest
+import torch
+
+import bench
+from models import DiT
+
+@pytest.fixture
+def tiny(monkeypatch):
+    """bench.py's arguments for a 2-block DiT on 4x4 latents, batch 2, one round of one step."""
+    monkeypatch.setitem(bench.DiT_models, "tiny", lambda **kw: DiT(depth=2, hidden_size=64, patch_size=2, num_heads=4, **kw))
+    monkeypatch.setattr(bench, "matmul_peak", lambda device: (lambda *_: torch.randn(64, 64) @ torch.randn(64, 64), 2 * 64 ** 3))
+    def set_args(*argv):
+        monkeypatch.setattr(bench, "args", bench.parser.parse_args(["--image-size", "32", "--batch-size", "2", "--num-classes", "5",
+                                                                    "--steps", "1", "--rounds", "1", *argv]), raising=False)
+        bench.args.model = "tiny"
+    set_args()
+    return set_args
+
+def randomize(model):
+    """Random weights everywhere (a fresh DiT outputs 0 and its attention gets no gradient)."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+
+def test_eager_attention_equals_sdpa():
+    torch.manual_seed(0)
+    ours = bench.models.Attention(64, 4)
+    ours.gamma_qkv = torch.nn.Parameter(torch.rand(192) + 0.5)
+    ref = bench.models.Attention(64, 4)
+    ref.load_state_dict(ours.state_dict(), strict=False)
+    ref.gamma_qkv = ours.gamma_qkv
+    ref.__class__ = bench.RefAttention
+    x = torch.randn(3, 16, 64)
+    assert torch.allclose(ref(x), ours(x), rtol=1e-5, atol=1e-6)
+
+def test_reference_lookups_equal_ours():
+    ours, ref = bench.diffusion_for("250", False), bench.diffusion_for("250", True)
+    t = torch.tensor([0, 7, 249])
+    x = torch.zeros(3, 4, 2, 2)
+    for name in ["sqrt_alphas_cumprod", "posterior_log_variance_clipped", "log_betas", "posterior_mean_coef2"]:
+        assert torch.equal(ref._at(name, t, x), ours._at(name, t, x))
+    assert torch.equal(ref._on("timestep_map", t.device)[t], ours._on("timestep_map", t.device)[t])
+
+@pytest.mark.parametrize("method", ["full", "difffit"])
+def test_reference_step_computes_the_same_loss_and_gradients(tiny, method):
+    cpu = torch.device("cpu")
+    ours, ref = bench.trainer(method, cpu), bench.trainer(f"ref {method}", cpu)
+    randomize(ours.model), randomize(ref.model)
+    torch.manual_seed(2)
+    loss = ours(optimize=False)  # the same t, noise and label dropout for both
+    torch.manual_seed(2)
+    ref_loss = ref(optimize=False)
+    assert torch.allclose(loss, ref_loss, rtol=1e-5)
+    named_ref = dict(ref.model.named_parameters())
+    for name, p in ours.model.named_parameters():
+        assert p.requires_grad == named_ref[name].requires_grad, name
+        if p.requires_grad:
+            assert torch.allclose(p.grad, named_ref[name].grad, rtol=1e-4, atol=1e-6), name
+        else:  # frozen weights get no gradient in either loop
+            assert p.grad is None and named_ref[name].grad is None, name
+
+def table(out):
+    """The printed table as {row: [s/step, img/s, vs ref, vs full, TFLOP/s, % peak]} (vs full may be missing)."""
+    return {line[:22].strip(): line[22:].split() for line in out.splitlines()[3:]}
+
+def test_training_table(tiny, capsys):
+    tiny("--methods", "full,difffit", "--precision", "fp32")
+    bench.main()
+    rows = table(capsys.readouterr().out)
+    assert list(rows) == ["ref full", "ref difffit", "full", "difffit"]
+    assert rows["ref full"][2] == rows["ref difffit"][2] == "1.00x"  # each reference is its own baseline
+    assert rows["full"][3] == "1.00" and float(rows["difffit"][3]) > 0  # step time vs our full fine-tuning
+    assert float(rows["difffit"][1]) > 0 and float(rows["difffit"][5].rstrip("%")) >= 0
+
+def test_sampling_table(tiny, capsys):
+    tiny("--what", "sample", "--sample-steps", "3", "--precision", "fp32")
+    bench.main()
+    rows = table(capsys.readouterr().out)
+    assert list(rows) == ["ref sample", "sample"] and rows["ref sample"][2] == "1.00x"
+
+def test_memory_child_reports_its_peak(tiny, capsys):
+    tiny("--child", "difffit")
+    bench.main()
+    assert int(capsys.readouterr().out.split()[-1]) > 2**20  # bytes; at least the interpreter
