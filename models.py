@@ -482,28 +482,77 @@ class AutoencoderKL(nn.Module):
         """UNSCALED latent z (N, 4, h, w) -> image (N, 3, 8h, 8w) in about [-1, 1], in fp32 (so pass z / VAE_SCALE)."""
         return self.decoder(self.post_quant_conv(z)).float()
 
-# safetensors dtype names -> torch dtypes (the file format is little-endian)
+# -----------------------------------------------------------------------------
+# files: one atomic writer, and safetensors (u64 little-endian header size, JSON header, raw little-endian bytes)
+
+def atomic_write(path, write):
+    """write(f) into path + ".tmp", fsync, rename: readers see the old file or the whole new one, never half of one.
+    A failure (a full disk, a crash of write) removes the temp file and leaves the old file as it was."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
               "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
-def read_safetensors(path):
-    """Read a .safetensors file into a dict of CPU tensors: u64 header size, JSON header, raw bytes."""
+def write_safetensors(path, tensors, metadata=None):
+    """name -> tensor, plus str -> str metadata, as a .safetensors file (atomically)."""
     assert sys.byteorder == "little", "safetensors stores little-endian data"
-    sd = {}
+    names = {v: k for k, v in _ST_DTYPES.items()}
+    header, blobs, offset = {}, [], 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        blob = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""  # the raw bytes, any dtype
+        header[name] = dict(dtype=names[t.dtype], shape=list(t.shape), data_offsets=[offset, offset + len(blob)])
+        blobs.append(blob)
+        offset += len(blob)
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # pad so the payload starts 8-byte aligned, as the safetensors package does
+    def write(f):
+        f.write(len(head).to_bytes(8, "little") + head)
+        for blob in blobs:
+            f.write(blob)
+    atomic_write(path, write)
+
+def read_safetensors(path):
+    """A .safetensors file -> (name -> CPU tensor, metadata dict). Anything that is not a whole, consistent file
+    (truncated, a header that lies about sizes, not safetensors at all) raises ValueError naming the file."""
+    assert sys.byteorder == "little", "safetensors stores little-endian data"
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            dtype, shape, (start, end) = _ST_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
-            if end - start != math.prod(shape) * dtype.itemsize:
-                raise ValueError(f"{path}: tensor {name} has {end - start} bytes, not {math.prod(shape)} x {dtype}")
+        if size < 8 or n > size - 8 or n > 100 << 20:
+            raise ValueError(f"{path}: not a safetensors file (its first 8 bytes give a header of {n} bytes in a file of {size})")
+        try:
+            header = json.loads(f.read(n))
+            metadata = header.pop("__metadata__", None) or {}
+            entries = {k: (_ST_DTYPES[v["dtype"]], [int(s) for s in v["shape"]], [int(o) for o in v["data_offsets"]])
+                       for k, v in header.items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
+            raise ValueError(f"{path}: not a safetensors file (unreadable header: {e.__class__.__name__} {e})") from None
+        payload, sd = size - 8 - n, {}
+        for name, (dtype, shape, (start, end)) in entries.items():
+            if end - start != math.prod(shape) * dtype.itemsize or not 0 <= start <= end:
+                raise ValueError(f"{path}: tensor {name} spans {end - start} bytes, not {math.prod(shape)} x {dtype} "
+                                 "as its shape says: the header is inconsistent")
+            if end > payload:
+                raise ValueError(f"{path}: truncated: tensor {name} ends at byte {end} of a payload of {payload}; "
+                                 "the file is incomplete (download or copy it again)")
             buf = bytearray(end - start)  # one fresh (aligned, writable) buffer per tensor, shared by the tensor
             f.seek(8 + n + start)
             f.readinto(buf)
             sd[name] = (torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)).reshape(shape)
-    return sd
+    return sd, metadata
 
 # attention names of diffusers < 0.14 (files such as sd-vae-ft-*'s .bin still use them) -> current names
 _OLD_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
@@ -517,7 +566,7 @@ def load_vae(path, **config):
         st = os.path.join(path, "diffusion_pytorch_model.safetensors")
         path = st if os.path.exists(st) else os.path.join(path, "diffusion_pytorch_model.bin")
     if path.endswith(".safetensors"):
-        sd = read_safetensors(path)
+        sd, _ = read_safetensors(path)
     else:
         try:  # weights_only: plain tensors and containers only, never arbitrary pickled code
             sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -573,11 +622,11 @@ def pretrained_file(name):
     return path
 
 def download(url, path, sha256=None):
-    """url -> path atomically (temp file, then rename); returns the SHA-256. sha256 may be a prefix (torch.hub names)."""
+    """url -> path atomically (atomic_write); returns the SHA-256. sha256 may be a prefix (torch.hub names)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp, h = f"{path}.{os.getpid()}.part", hashlib.sha256()
-    try:
-        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+    h = hashlib.sha256()
+    def fetch(f):  # raising here deletes the temp file: a wrong or short download never lands at path
+        with urllib.request.urlopen(url, timeout=60) as r:
             size = int(r.headers.get("Content-Length") or 0)
             with tqdm(total=size or None, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
                 while chunk := r.read(1 << 20):
@@ -588,11 +637,9 @@ def download(url, path, sha256=None):
             raise http.client.IncompleteRead(b"", size - bar.n)
         if sha256 and not h.hexdigest().startswith(sha256.lower()):
             raise ValueError(f"{url}: SHA-256 {h.hexdigest()[:16]}... is not the expected {sha256[:16]}...; download deleted")
-        os.replace(tmp, path)
-        return h.hexdigest()
+    try:
+        atomic_write(path, fetch)
     except (OSError, http.client.HTTPException) as e:
         raise FileNotFoundError(f"could not download {os.path.basename(path)} from {url} ({e.__class__.__name__}: {e}); "
                                 f"put the file at {path}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    return h.hexdigest()
