@@ -3,7 +3,7 @@ Training and sampling speed of this repo, measured side by side with a reference
 train.py and ADM's sampler work) on the same model and data, in one run. DiffFit: Xie et al. 2023, arXiv:2304.06648.
 
     python bench.py                                                   # DiT-S/2, 256 px, batch 16: training
-    python bench.py --model DiT-B/2 --steps 1                         # the same for DiT-B/2
+    python bench.py --model DiT-B/2 --iters 1                         # the same for DiT-B/2
     python bench.py --what memory --model DiT-XL/2 --batch-size 4     # peak memory, a fresh process per row
     python bench.py --what sample --batch-size 2                      # 250-step DDPM with CFG: sample.py vs reference
     python bench.py --vae --methods difffit --batch-size 4            # also encode with the VAE every step
@@ -42,10 +42,10 @@ parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf1
 parser.add_argument("--vae", action="store_true", help="add rows that encode images with the VAE every step (slow on CPUs)")
 parser.add_argument("--compile", action="store_true", help="add torch.compile rows")
 # timing
-parser.add_argument("--steps", type=int, default=2, help="timed steps per row and round")
-parser.add_argument("--warmup", type=int, default=1, help="untimed steps per row first")
+parser.add_argument("--iters", type=int, default=2, help="timed training steps per row and round")
+parser.add_argument("--warmup", type=int, default=1, help="untimed training steps (or 2-step sampling calls) per row first")
 parser.add_argument("--rounds", type=int, default=3, help="round-robin passes over the rows; the median is reported")
-parser.add_argument("--sample-steps", default="250", help="DDPM respacing to sample with (DiT: 250)")
+parser.add_argument("--steps", default="250", help="sampling steps, as in sample.py (DiT: 250 DDPM steps)")
 parser.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale")
 parser.add_argument("--profile", default=None, metavar="ROW", help="instead of the table: where one step of this row (e.g. 'difffit') spends its time")
 parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # --what memory: the one row this process runs
@@ -74,7 +74,7 @@ class RefDiffusion(GaussianDiffusion):
     def _at(self, name, t, x):
         return self._on(name, t.device)[t].float().view(-1, *[1] * (x.dim() - 1))
 
-def build(method, ref, device):
+def build(method, ref, device, args):
     """A random-weight DiT after the surgery of `method`; ref: with the reference's attention."""
     torch.manual_seed(0)
     with device:  # built in place: on the meta device it costs nothing (FLOP counting)
@@ -96,10 +96,10 @@ def diffusion_for(respacing, ref):
 def method_of(row):
     return next(w for w in row.split() if w in difffit.METHODS)
 
-def trainer(row, device):
+def trainer(row, device, args):
     """One training step of `row` as a closure on fixed random data; step(False) skips optimizer and EMA."""
     ref, compiled = row.startswith("ref"), "compile" in row
-    model = build(method_of(row), ref, device)
+    model = build(method_of(row), ref, device, args)
     trained = [p for p in model.parameters() if p.requires_grad]
     if ref:  # DiT's train.py: AdamW over all parameters, an EMA of the whole model updated tensor by tensor
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
@@ -111,7 +111,8 @@ def trainer(row, device):
         update_ema = lambda: torch._foreach_lerp_(ema, [p.detach() for p in trained], 1 - 0.9999)
     diffusion = diffusion_for("", ref)
     net = torch.compile(model) if compiled else model
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if "bf16" in row else contextlib.nullcontext()
+    # torch.autocast refuses the meta device even when disabled; FLOP counting there (train_flops) counts the same in any precision
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if "bf16" in row and device.type != "meta" else contextlib.nullcontext()
     B, s = args.batch_size, args.image_size // 8
     x0, y = torch.randn(B, 4, s, s, device=device), torch.randint(0, args.num_classes, (B,), device=device)
     if "+vae" in row:
@@ -138,15 +139,15 @@ def trainer(row, device):
     step.model = model
     return step
 
-def sampler(row, device):
+def sampler(row, device, args):
     """One call of sample.py's generate (or of the reference-style loop) as a closure; `respacing` picks the chain."""
     ref = row.startswith("ref")
-    model = build("difffit", ref, device).eval()
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if "bf16" in row else contextlib.nullcontext()
+    model = build("difffit", ref, device, args).eval()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled="bf16" in row)
     labels = [i % args.num_classes for i in range(args.batch_size)]
 
     @torch.no_grad()
-    def run(respacing=args.sample_steps):
+    def run(respacing=args.steps):
         diffusion = diffusion_for(respacing, ref)
         if not ref:
             with autocast:
@@ -163,19 +164,19 @@ def matmul_peak(device, n=2048, k=8):
     return lambda *_: [a @ b for _ in range(k)], 2 * n ** 3 * k
 
 @torch.no_grad()
-def sample_flops():
+def sample_flops(args):
     """FLOPs of one sampling call: one guided model call on the doubled batch per step (on the meta device)."""
     meta, n, s = torch.device("meta"), 2 * args.batch_size, args.image_size // 8
-    model = build("difffit", False, meta).eval()
+    model = build("difffit", False, meta, args).eval()
     with FlopCounterMode(display=False) as counter:
         model.forward_with_cfg(torch.empty(n, 4, s, s, device=meta), torch.zeros(n, dtype=torch.long, device=meta),
                                torch.zeros(n, dtype=torch.long, device=meta), args.cfg_scale)
-    return counter.get_total_flops() * create_diffusion(args.sample_steps).num_timesteps
+    return counter.get_total_flops() * create_diffusion(args.steps).num_timesteps
 
-def train_flops(row):
+def train_flops(row, args):
     """FLOPs of one training step (forward and backward; the optimizer's are negligible), on the meta device."""
     with FlopCounterMode(display=False) as counter:
-        trainer(row.replace(" compile", ""), torch.device("meta"))(optimize=False)
+        trainer(row.replace(" compile", ""), torch.device("meta"), args)(optimize=False)
     return counter.get_total_flops()
 
 def sync(device):
@@ -184,19 +185,19 @@ def sync(device):
 
 # -----------------------------------------------------------------------------
 
-def main():
+def main(args):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py and sample.py
     if args.profile:  # the operators that take the time of one step (after a warm-up step)
-        step = trainer(args.profile, device)
+        step = trainer(args.profile, device, args)
         step()
         with torch.profiler.profile() as prof:
             step()
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
         return
     if args.child:  # --what memory: one row for warmup + steps steps, then this process's peak
-        step = trainer(args.child, device)
-        for _ in range(args.warmup + args.steps):
+        step = trainer(args.child, device, args)
+        for _ in range(args.warmup + args.iters):
             step()
         print(torch.cuda.max_memory_allocated() if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         return
@@ -229,13 +230,13 @@ def main():
         return
 
     # Build and warm up every row (sampling warms up on a 2-step chain), then time them in turns.
-    steps = {row: (sampler if args.what == "sample" else trainer)(row, device) for row in rows}
-    flops = {row: sample_flops() if args.what == "sample" else train_flops(row) for row in rows}
+    steps = {row: (sampler if args.what == "sample" else trainer)(row, device, args) for row in rows}
+    flops = {row: sample_flops(args) if args.what == "sample" else train_flops(row, args) for row in rows}
     steps["matmul peak"], flops["matmul peak"] = matmul_peak(device)
     for step in steps.values():
         for _ in range(args.warmup):
             step("2") if args.what == "sample" else step()
-    reps = args.steps if args.what == "train" else 1
+    reps = args.iters if args.what == "train" else 1
     times = {row: [] for row in steps}
     for _ in range(args.rounds):
         for row, step in steps.items():
@@ -259,5 +260,4 @@ def main():
         print(f"{row:<22} {dt[row]:8.3f} {args.batch_size / dt[row]:8.3f} {dt[ref_of(row)] / dt[row]:7.2f}x {vs_full} {tf:8.3f} {100 * tf / peak:6.0f}%")
 
 if __name__ == "__main__":
-    args = parser.parse_args()
-    main()
+    main(parser.parse_args())

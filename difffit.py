@@ -4,22 +4,24 @@ DiffFit and the methods it is compared with: which parameters of a pretrained Di
 DiffFit (Xie et al. 2023, arXiv:2304.06648) freezes a pretrained DiT and trains only its biases, its class
 embedding and new scale factors γ (initialised to 1) on some blocks. This file does that model surgery after
 the base weights are loaded, and the surgery of the paper's Table 1 baselines (BitFit, LoRA, AdaptFormer,
-VPT-deep); counts parameters the way the paper's tables do; saves and loads the few-MB deltas; folds γ and LoRA
-back into plain DiT weights; interpolates the position table for 256 -> 512 transfer; and draws Diff-Tuning's
-timesteps (Zhong et al. 2024, arXiv:2406.00773).
+VPT-deep); counts parameters the way the paper's tables do; owns the delta format (the few-MB file a run
+produces: the trained tensors and what rebuilds the model from its base); folds γ and LoRA back into plain DiT
+weights; and interpolates the position table for 256 -> 512 transfer.
 
     python difffit.py --model DiT-XL/2 --num-classes 101   # Table 1's parameter column (meta device, no memory)
 """
 import argparse
 import hashlib
+import json
 import math
+import os
 from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models import DiT_models, get_2d_sincos_pos_embed
+from models import PRETRAINED, DiT_models, get_2d_sincos_pos_embed, load_file, load_model, write_safetensors
 
 # -----------------------------------------------------------------------------
 # modules the comparison methods add (Table 1). Each takes over the frozen tensors of the module it replaces
@@ -146,7 +148,7 @@ def make_spec(model, method="difffit", num_classes=None, gamma_blocks=None, gamm
     # base_grid: the patch grid the base was trained on, if smaller than this model's (the §4.3 trick)
     return dict(method=method, num_classes=num_classes or model.num_classes, new_labels=new_labels,
                 gamma_blocks=gamma_blocks, gamma_qkv=gamma_qkv, gamma_final=gamma_final, base_grid=base_grid,
-                base=fingerprint(model))
+                fingerprint=fingerprint(model))
 
 def apply(model, spec):
     """Freeze the base, resize the class table to the new dataset, add the method's parameters."""
@@ -189,32 +191,79 @@ def fingerprint(model):
     return h.hexdigest()[:16]
 
 # -----------------------------------------------------------------------------
-# deltas: the trained tensors only
+# deltas: the one file format of a fine-tuned model. A delta is a dict
+#   {"spec": make_spec's dict, "config": the model config the base is built with, "base": where the base is, "params": name -> tensor}
+# written as .safetensors (tensors, the rest as JSON metadata); ckpt.pt embeds the same dict. Older .pt deltas still load.
+
+ROOT = os.path.dirname(os.path.abspath(__file__))  # shipped bases (assets/) are named relative to the repo
+
+def base_ref(path):
+    """How a delta names its base: 'scratch' and published names as they are, a file in this repo relative to the
+    repo (so the delta loads from any working directory), any other file by its absolute path."""
+    if path == "scratch" or (path in PRETRAINED and not os.path.exists(path)):
+        return path
+    full = os.path.abspath(path)
+    return os.path.relpath(full, ROOT) if full.startswith(ROOT + os.sep) else full
 
 def trainable_state_dict(model):
     """name -> tensor for every parameter that trains (γ included): what a delta stores."""
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
-def make_delta(model, spec, params=None):
-    """A delta is plain dicts and tensors, so it loads with weights_only=True."""
-    params = trainable_state_dict(model) if params is None else params
-    return {"spec": spec, "params": {k: v.detach().cpu().clone() for k, v in params.items()}}
+@torch.no_grad()
+def copy_params(model, params):
+    """Copy name -> tensor into the model's parameters of those names (any device and dtype)."""
+    named = dict(model.named_parameters())
+    for k, v in params.items():
+        named[k].copy_(v)
 
-def load_delta(model, delta):
+def make_delta(params, spec, config, base):
+    """The delta dict (see above) of the trained tensors `params`, as fp32 CPU copies."""
+    return dict(spec=spec, config=config, base=base, params={k: v.detach().float().cpu().clone() for k, v in params.items()})
+
+def save_delta(path, delta):
+    write_safetensors(path, delta["params"], {"format": "difffit-delta", "base": delta["base"],
+                                              **{k: json.dumps(delta[k]) for k in ("spec", "config")}})
+
+def read_delta(path):
+    """A delta file (.safetensors, or the .pt of earlier versions) -> the delta dict."""
+    data = load_file(path, "delta")
+    if isinstance(data, tuple):  # safetensors
+        params, meta = data
+        if meta.get("format") != "difffit-delta":
+            raise ValueError(f"delta {path}: not a delta (a .safetensors file without difffit's metadata: a model? use --ckpt)")
+        return dict(spec=json.loads(meta["spec"]), config=json.loads(meta["config"]), base=meta["base"], params=params)
+    if not (isinstance(data, dict) and {"spec", "params", "config", "ckpt"} <= data.keys()):
+        what = "a training checkpoint: pass its run's delta.safetensors" if isinstance(data, dict) and "opt" in data else "not a delta"
+        raise ValueError(f"delta {path}: {what}")
+    spec = dict(data["spec"])
+    spec.setdefault("fingerprint", spec.pop("base", None))  # renamed
+    return dict(spec=spec, config=data["config"], base=data["ckpt"], params=data["params"])
+
+def load(delta, base=None):
+    """Base + delta -> (model, delta): load the base the delta names (or `base`), check it is the one the delta was
+    trained on, redo the surgery, load the trained tensors. `delta` is a path or a delta dict."""
+    delta = read_delta(delta) if isinstance(delta, str) else delta
+    path = base or delta["base"]
+    if base is None and path != "scratch" and path not in PRETRAINED and not os.path.isabs(path):
+        path = os.path.join(ROOT, path)
+    if path != "scratch" and path not in PRETRAINED and not os.path.exists(path):
+        raise FileNotFoundError(f"the delta's base {path} is missing: pass --base with the checkpoint it was trained from")
+    model, _, _ = load_model(path, delta["config"], input_size=delta["config"]["input_size"])
+    apply_delta(model, delta)
+    return model, delta
+
+def apply_delta(model, delta):
     """Apply a delta to a freshly loaded base model: check the base, redo the surgery, load the tensors."""
     spec, params = delta["spec"], delta["params"]
-    if spec["base"] is not None and fingerprint(model) != spec["base"]:
-        raise ValueError(f"this delta was trained on another base model (fingerprint {spec['base']}, "
+    if spec["fingerprint"] is not None and fingerprint(model) != spec["fingerprint"]:
+        raise ValueError(f"this delta was trained on another base model (fingerprint {spec['fingerprint']}, "
                          f"this base is {fingerprint(model)}): load the base checkpoint it was trained from")
     names = apply(model, spec)
     if sorted(names) != sorted(params):
         missing, extra = sorted(set(names) - set(params)), sorted(set(params) - set(names))
         raise ValueError(f"delta does not fit its own spec {spec['method']}: missing {missing[:3]}, unexpected {extra[:3]}")
-    named = dict(model.named_parameters())
-    with torch.no_grad():
-        for k, v in params.items():
-            named[k].copy_(v)
-    return spec
+    copy_params(model, params)
+    return model
 
 # -----------------------------------------------------------------------------
 # merge: fold γ into the neighbouring linear layers, export a plain DiT state dict
@@ -248,18 +297,6 @@ def interpolate_pos_embed(model, base_grid):
     grid = model.input_size // model.patch_size
     table = get_2d_sincos_pos_embed(model.hidden_size, grid, scale=grid / base_grid)
     model.pos_embed.data.copy_(torch.as_tensor(table, dtype=model.pos_embed.dtype).reshape(model.pos_embed.shape))
-
-# -----------------------------------------------------------------------------
-# Diff-Tuning (Zhong et al. 2024, arXiv:2406.00773): composes with any method above; train.py mixes the batches
-
-def sample_timesteps(n, T, tau, towards="noise", device="cpu"):
-    """Diff-Tuning draws t, it does not weight the loss: P(t) ∝ (t + 1)^τ for downstream data (towards the noise
-    end, where the model must re-learn the domain), ∝ (T − t)^τ for the knowledge bank (towards the data end, where
-    the base's knowledge still holds). τ = 0 is plain training's uniform draw, with the same random numbers."""
-    if tau == 0:
-        return torch.randint(0, T, (n,), device=device)
-    w = torch.arange(1, T + 1, dtype=torch.float32, device=device) ** tau  # (t + 1)^τ for t = 0 .. T-1
-    return torch.multinomial(w if towards == "noise" else w.flip(0), n, replacement=True)
 
 # -----------------------------------------------------------------------------
 # parameter accounting like the paper's Table 1

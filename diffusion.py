@@ -225,15 +225,19 @@ class GaussianDiffusion:
                 x = x0 * torch.sqrt(ab_prev) + torch.sqrt(1 - ab_prev - sigma ** 2) * eps + nonzero * sigma * z
         return x
 
+    def check_dpm_solver_steps(self):
+        """DPM-Solver++ takes evenly spaced steps only (see below); callers can check before they load a model."""
+        gaps = self.timestep_map.diff()
+        if gaps.max() - gaps.min() > 1:
+            raise ValueError(f"DPM-Solver++ needs evenly spaced steps, but this respacing keeps {self.num_timesteps} steps with gaps "
+                             f"from {gaps.min().item()} to {gaps.max().item()}: pass a plain step count like '{self.num_timesteps}' instead")
+
     @torch.no_grad()
     def dpm_solver_sample_loop(self, model, shape, noise=None, clip_denoised=False, model_kwargs=None, device=None, progress=False):
         """DPM-Solver++(2M) (Lu et al. 2022, arXiv:2211.01095, Alg. 2) over the respaced steps, one model call per step; learned Σ unused."""
         # 2M extrapolates x_θ by (x_θ - x_θ_prev)·h/(2·h_prev), so it wants even steps: a plain count or 'ddimN'. Section counts keep
         # two adjacent steps at each section boundary ("10,15,20": 333 and 334), where that factor is ~18 and amplifies network noise.
-        gaps = self.timestep_map.diff()
-        if gaps.max() - gaps.min() > 1:
-            raise ValueError(f"DPM-Solver++ needs evenly spaced steps, but this respacing keeps {self.num_timesteps} steps with gaps "
-                             f"from {gaps.min().item()} to {gaps.max().item()}: pass a plain step count like '{self.num_timesteps}' instead")
+        self.check_dpm_solver_steps()
         # x_t = α_t·x_0 + σ_t·ε with α_t = √ᾱ_t, σ_t = √(1-ᾱ_t) and the half log-SNR λ_t = log(α_t/σ_t), float64, at the kept steps
         alpha, sigma = np.sqrt(self.alphas_cumprod), np.sqrt(1.0 - self.alphas_cumprod)
         lam = np.log(alpha / sigma)

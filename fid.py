@@ -24,6 +24,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from models import download
+from prepare import IMAGE_EXTENSIONS, open_dataset
 
 # -----------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description="FID between any two of: image folder, samples .npz, statistics .npz, dataset name.")
@@ -47,7 +48,6 @@ parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"  # torch.hub convention: 6726825d starts its SHA-256
 WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_NAME
 WEIGHTS_URL_ALT = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
 # -----------------------------------------------------------------------------
 # the FID Inception: torchvision's Inception3 names (so the .pth loads strictly), TF's pooling quirks
@@ -236,7 +236,7 @@ def get_features(images, mode, net=None, batch_size=50, num_workers=0, device="c
 
 def image_files(folder):
     """Image files under folder, recursively, any case of extension (.JPEG too), sorted."""
-    return sorted(os.path.join(r, f) for r, _, fs in os.walk(folder) for f in fs if os.path.splitext(f)[1].lower() in IMAGE_EXTS)
+    return sorted(os.path.join(r, f) for r, _, fs in os.walk(folder) for f in fs if f.lower().endswith(IMAGE_EXTENSIONS))
 
 # -----------------------------------------------------------------------------
 # statistics and the Fréchet distance
@@ -314,7 +314,6 @@ def images_of(src, args):
         return files
     if os.path.exists(src) or os.sep in src:
         raise ValueError(f"{src}: not an image folder, a .npz or a dataset name")
-    from prepare import open_dataset  # lazy: only named datasets need it
     return open_dataset(src, args.data_dir, args.split, args.image_size)  # (uint8 (3, S, S) centre crop, label) items
 
 def main(args):
@@ -353,5 +352,6 @@ def main(args):
 if __name__ == "__main__":
     try:
         main(parser.parse_args())
-    except (ValueError, FileNotFoundError) as e:  # bad input: one line, exit code 1
-        sys.exit(f"error: {e}")
+    except (ValueError, FileNotFoundError) as e:  # bad input: one line, exit code 2 (as every script here)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

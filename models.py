@@ -10,8 +10,10 @@ import json
 import math
 import os
 import pickle
+import re
 import sys
 import urllib.request
+import warnings
 
 import torch
 import torch.nn as nn
@@ -201,34 +203,14 @@ class DiT(nn.Module):
         x = x.reshape(x.shape[0], h, h, p, p, c).permute(0, 5, 1, 3, 2, 4)  # (N, C, h, p, w, p)
         return x.reshape(x.shape[0], c, h * p, h * p)
 
-    def check_inputs(self, x, y):
-        """Turn wrong shapes and labels into readable errors instead of a broadcast or index error deep inside."""
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"DiT expects x of shape (N, {self.in_channels}, H, W) (4 channels for VAE latents, 3 for pixels), got {tuple(x.shape)}")
-        H, W = x.shape[2:]
-        p, S = self.patch_size, self.input_size
-        if H % p or W % p:
-            raise ValueError(f"input size {H}x{W} is not divisible by the patch size {p}")
-        if H != S or W != S:
-            raise ValueError(f"DiT was built for {S}x{S} inputs (input_size={S}; image size / 8 for latents), got {H}x{W}: "
-                             f"build it with input_size={H}" + ("" if H == W else " and square inputs"))
-        if torch.compiler.is_compiling():  # min/max would be a host sync and a graph break
-            return
-        top = self.y_embedder.embedding_table.num_embeddings - 1  # num_classes (the null class) if labels can be dropped
-        if y.device.type != "cpu":  # .item() would stall the GPU queue every forward: check asynchronously instead
-            torch._assert_async(((y >= 0) & (y <= top)).all(), f"class labels must be in [0, {top}]")
-            return
-        lo, hi = y.min().item(), y.max().item()
-        if lo < 0 or hi > top:
-            null = f", {self.num_classes} = null class" if top == self.num_classes else " (no null class: class_dropout_prob=0)"
-            raise ValueError(f"class labels must be in [0, {top}] ({self.num_classes} classes{null}), got labels in [{lo}, {hi}]")
-
     def forward(self, x, t, y):
         """
         x: (N, C, H, W) latents (or pixels), t: (N,) diffusion steps 0..999, y: (N,) labels (num_classes = null).
         Returns (N, out_channels, H, W): ε in channels [0:C], and with learn_sigma the variance interpolation v in [C:2C].
         """
-        self.check_inputs(x, y)                     # H = W = input_size
+        if x.shape[1:] != (self.in_channels, self.input_size, self.input_size):  # a readable line, not a broadcast error inside
+            raise ValueError(f"this DiT takes x of shape (N, {self.in_channels}, {self.input_size}, {self.input_size}), got {tuple(x.shape)} "
+                             f"(latents are image size / 8; build it with input_size=H for other sizes)")
         x = self.x_embedder(x) + self.pos_embed     # (N, T, D), T = (H / p)^2
         c = self.t_embedder(t) + self.y_embedder(y) # (N, D)
         for block in self.blocks:
@@ -267,38 +249,47 @@ def load_dit_state_dict(model, state_dict, name):
     model.load_state_dict(state_dict, strict=True)
     return model
 
-def load_model(ckpt, config, input_size=None):
-    """A DiT with its weights loaded strictly. `ckpt` is "scratch", a checkpoint written by this repo
-    ({"config", "model"}), a published DiT file (downloaded if it is a name in PRETRAINED), or a state dict
-    file; those take their architecture from `config`: {"model": "DiT-XL/2", **kwargs} or DiT(**kwargs).
-    With input_size, a base trained at another resolution loads too: all but its position table must fit;
-    model.base_grid then says which grid it was trained on (for difffit's pos-embed trick)."""
+def raw_config(model, image_size):
+    """The architecture of a published DiT file, which stores weights only: a preset at image_size / 8 latents, 1000 classes."""
+    return dict(model=model, input_size=image_size // 8, in_channels=4, num_classes=1000)
+
+def save_model(path, state_dict, config):
+    """A plain DiT as .safetensors, its architecture (config: DiT_models preset and/or DiT kwargs) in the metadata."""
+    write_safetensors(path, state_dict, {"format": "dit", "config": json.dumps(config)})
+
+def load_model(path, config=None, input_size=None):
+    """(model, config, base_grid): a DiT with its weights loaded strictly. `path` is "scratch" (random init), a file of
+    save_model (which carries its config), a published DiT file (downloaded if it is a name in PRETRAINED), a state
+    dict, or an older {"config", "model"} / DiT train.py {"ema"} file; files without a config take `config`.
+    With input_size, a base trained at another resolution loads too: all but its position table must fit, and
+    base_grid says which patch grid it was trained on (for difffit's pos-embed trick)."""
     sd = None
-    if ckpt in PRETRAINED and not os.path.exists(ckpt):
-        ckpt = pretrained_file(ckpt)
-    if ckpt != "scratch":
-        if not os.path.exists(ckpt):
-            raise FileNotFoundError(f"checkpoint {ckpt} not found: pass the path of an existing checkpoint")
-        try:  # weights_only: a checkpoint is tensors and dicts; pickled code is refused, never run
-            sd = torch.load(ckpt, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise ValueError(f"refusing {ckpt}: it holds pickled objects, not just tensors ({str(e).splitlines()[0][:80]})") from None
-        if "config" in sd:
+    if path in PRETRAINED and not os.path.exists(path):
+        path = pretrained_file(path)
+    if path != "scratch":
+        sd = load_file(path)
+        if isinstance(sd, tuple):  # safetensors: (tensors, metadata)
+            sd, meta = sd
+            config = json.loads(meta["config"]) if "config" in meta else config
+        elif isinstance(sd, dict) and "config" in sd and "model" in sd:  # this repo's older .pt format
             config, sd = sd["config"], sd["model"]
-        elif "ema" in sd:  # a checkpoint of DiT's own train.py: its EMA weights, as DiT samples them
+        elif isinstance(sd, dict) and "ema" in sd:  # a checkpoint of DiT's own train.py: its EMA weights, as DiT samples them
             sd = sd["ema"]
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise ValueError(f"{path}: not a DiT checkpoint (expected a state dict of tensors)")
+        if config is None:
+            raise ValueError(f"{path}: a raw state dict carries no architecture: pass --model and --image-size")
     config = dict(config, **({"input_size": input_size} if input_size else {}))
     kwargs = {k: v for k, v in config.items() if k != "model"}
     model = DiT_models[config["model"]](**kwargs) if "model" in config else DiT(**kwargs)
-    model.base_grid = model.input_size // model.patch_size
+    base_grid = model.input_size // model.patch_size
     if sd is not None:
         pe = sd.get("pos_embed")
         if input_size and pe is not None and pe.shape[1] != model.pos_embed.shape[1] and pe.shape[2] == model.hidden_size:
-            model.base_grid = math.isqrt(pe.shape[1])  # e.g. the 256 checkpoint (16x16 grid) for a 512 model (32x32)
+            base_grid = math.isqrt(pe.shape[1])  # e.g. the 256 checkpoint (16x16 grid) for a 512 model (32x32)
             sd = {**sd, "pos_embed": model.pos_embed.detach()}  # keep this model's own table
         load_dit_state_dict(model, sd, config.get("model", "DiT") + f" {kwargs}")
-    model.config = config  # how to rebuild it; stored with deltas
-    return model
+    return model, config, base_grid
 
 # -----------------------------------------------------------------------------
 # 2-D sin-cos position embedding (from MAE), computed in float64 like the reference, then cast to float32
@@ -342,6 +333,12 @@ DiT_models = {
     "DiT-B/2": DiT_B_2, "DiT-B/4": DiT_B_4, "DiT-B/8": DiT_B_8,
     "DiT-S/2": DiT_S_2, "DiT-S/4": DiT_S_4, "DiT-S/8": DiT_S_8,
 }
+
+def bf16_chosen(precision, device):
+    """--precision in every script: bf16 autocast for "bf16", and for "auto" where the hardware runs bf16 natively
+    (CUDA, or a CPU with AVX512-BF16 or AMX: without them CPU bf16 is ~100x slower than fp32); fp32 otherwise."""
+    native = torch.cuda.is_bf16_supported() if device.type == "cuda" else torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return precision == "bf16" or (precision == "auto" and native)
 
 # -----------------------------------------------------------------------------
 # the VAE of Stable Diffusion, which DiT works in (stabilityai/sd-vae-ft-ema and -mse; arXiv:2112.10752)
@@ -457,10 +454,7 @@ class Decoder(nn.Module):
             x = block(x)
         return self.conv_out(F.silu(self.conv_norm_out(x), inplace=True))
 
-# Precision: under torch.autocast the convs and linears run in bf16; CUDA autocast runs GroupNorm in fp32, CPU
-# autocast leaves it in bf16 (its statistics are still accumulated in fp32). encode/decode return fp32. On CPUs
-# without native bf16 (AVX2 only) bf16 convs are slow fallbacks (measured ~15x slower than fp32 channels-last,
-# ~100x contiguous), so run the VAE in fp32 there; channels-last fp32 is as fast as contiguous.
+# encode/decode return fp32 whatever autocast runs the convs in (bf16 on GPUs and bf16-capable CPUs).
 class AutoencoderKL(nn.Module):
     """The KL-regularised autoencoder; the defaults are the sd-vae-ft-{ema,mse} config (83.7M parameters)."""
 
@@ -554,6 +548,29 @@ def read_safetensors(path):
             sd[name] = (torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)).reshape(shape)
     return sd, metadata
 
+def load_file(path, what="checkpoint"):
+    """Every file a user hands in goes through here: a .safetensors file -> (tensors, metadata), anything else is
+    torch.load(weights_only=True), so a pickled object is refused, never run. Truncated, garbage or pickled files
+    raise one ValueError line naming the file and what it is not (never torch's advice to load it with pickle)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path}: no such file")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if path.endswith(".safetensors") or (len(head) == 9 and head[8:] == b"{" and not head.startswith(b"PK")):
+        return read_safetensors(path)
+    if not head.startswith(b"PK") and head[:1] != b"\x80":  # torch files are zips (or, before torch 1.6, pickles)
+        raise ValueError(f"{what} {path}: not a torch or safetensors file ({'empty' if not head else 'unknown format'})")
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols on the way to refusing them
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # keep torch's sentence that says why ("unsupported GLOBAL posix.system ..."), drop its advice
+        m = re.search(r"((?:Unsupported|Trying to load unsupported)[^\n]*?)(?: was not an allowed| whose module|\.?\n|\.?$)", str(e))
+        why = m.group(1) if m else "not plain tensors and dicts"
+        raise ValueError(f"{what} {path}: refused: it is not plain tensors and dicts ({why})") from None
+    except (RuntimeError, EOFError, OSError) as e:  # a zip cut short, ...
+        raise ValueError(f"{what} {path}: unreadable, truncated or not a torch file ({str(e).split('.')[0] or e.__class__.__name__})") from None
+
 # attention names of diffusers < 0.14 (files such as sd-vae-ft-*'s .bin still use them) -> current names
 _OLD_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
@@ -565,16 +582,10 @@ def load_vae(path, **config):
     if os.path.isdir(path):
         st = os.path.join(path, "diffusion_pytorch_model.safetensors")
         path = st if os.path.exists(st) else os.path.join(path, "diffusion_pytorch_model.bin")
-    if path.endswith(".safetensors"):
-        sd, _ = read_safetensors(path)
-    else:
-        try:  # weights_only: plain tensors and containers only, never arbitrary pickled code
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:  # keep torch's one useful sentence, e.g. "Unsupported global: GLOBAL os.system"
-            why = str(e).split("WeightsUnpickler error: ")[-1].split(". ")[0].strip()
-            raise ValueError(f"{path}: refused, not a plain tensor state dict ({why})") from None
-        if not isinstance(sd, dict):
-            raise ValueError(f"{path}: expected a dict of tensors, got {type(sd).__name__}")
+    sd = load_file(path, "VAE")
+    sd = sd[0] if isinstance(sd, tuple) else sd
+    if not isinstance(sd, dict):
+        raise ValueError(f"VAE {path}: expected a dict of tensors, got {type(sd).__name__}")
     # rename old attention keys and flatten attention weights stored as 1x1 convs (out, in, 1, 1) -> (out, in)
     fixed = {}
     for k, v in sd.items():

@@ -35,6 +35,8 @@ import torchvision
 from PIL import Image
 from tqdm import tqdm
 
+from models import VAE_SCALE, atomic_write, bf16_chosen, load_vae
+
 # -----------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description="Encode a dataset once into a memory-mapped VAE latent cache (python or torchrun).")
 # data
@@ -48,6 +50,7 @@ parser.add_argument("--vae", default="ema", help="VAE given to models.load_vae (
 # encoding
 parser.add_argument("--batch-size", type=int, default=32, help="images per VAE call per rank (each is encoded twice: as is and flipped)")
 parser.add_argument("--num-workers", type=int, default=4, help="image-decoding worker processes per rank")
+parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="VAE in bf16 autocast where the hardware has it (auto)")
 
 # -----------------------------------------------------------------------------
 # datasets: one literal dict of facts
@@ -73,7 +76,6 @@ DATASETS = {
     "toy-source":    dict(classes=8, toy=True, size=32, how="generated on the fly"),  # what assets/toy_base.pt learned
 }
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")  # matched case-insensitively
-VAE_SCALE = 0.18215  # SD VAE latent scale: DiT trains on posterior samples * 0.18215
 CROP_VERSION = "adm-center-crop-1"  # bump when the pixels fed to the VAE change: every cache becomes stale
 FORMAT = "float16 (N, flip, mean|std, 4, S/8, S/8) v1"
 
@@ -218,20 +220,12 @@ def cache_base(name, root, split, image_size, vae_name):
     vae = "".join(c if c.isalnum() or c in "-_." else "_" for c in os.path.basename(os.path.normpath(vae_name)))
     return os.path.join(dataset_dir(name, root), f"cache-{split}-{image_size}-{vae}")
 
-def fingerprint(name, split, image_size, vae_name):
-    """What a cache must have been made from; open_cache refuses one whose fingerprint differs."""
+def cache_settings(name, split, image_size, vae_name):
+    """What a cache must have been made from; open_cache refuses one made with other settings."""
     return dict(dataset=name if name in DATASETS else os.path.abspath(name), split=split, image_size=image_size,
                 vae=vae_name, crop=CROP_VERSION, format=FORMAT)
 
-def _atomic_write(path, write):
-    """write(f) to a temp file, fsync, rename: readers see the old file or the whole new one, never half of one."""
-    with open(path + ".tmp", "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
-
-def _encode_chunks(ds, chunks, parts, vae, batch_size, device, num_workers, show):
+def _encode_chunks(ds, chunks, parts, vae, batch_size, device, num_workers, show, bf16):
     """Encode the chunks [a, b) of ds that parts/ lacks; each is written (latents and kept indices) once it is complete."""
     todo = [(a, b) for a, b in chunks if not os.path.exists(f"{parts}/{a:09d}-{b:09d}.npz")]
     if not todo:
@@ -245,22 +239,23 @@ def _encode_chunks(ds, chunks, parts, vae, batch_size, device, num_workers, show
         if good:
             kept += [i for i, _ in good]
             x = torch.stack([x for _, x in good]).to(device).float().div(127.5).sub(1)  # uint8 -> [-1, 1], as ToTensor + Normalize(0.5, 0.5)
-            with torch.inference_mode():
+            with torch.inference_mode(), torch.autocast(torch.device(device).type, torch.bfloat16, enabled=bf16):
                 mean, std = vae.encode(torch.cat([x, x.flip(3)]))  # both flips in one call: (2B, 4, h, w) each
             z = torch.stack([mean, std], 1).float().unflatten(0, (2, len(x))).transpose(0, 1)  # (B, flip, mean|std, 4, h, w)
             lat.append(z.cpu().numpy().astype(np.float16))
         if idx[-1] == b - 1:  # the chunk is complete: write it, and it is never encoded again
             arrays = dict(lat=np.concatenate(lat), idx=np.array(kept, np.int64))
-            _atomic_write(f"{parts}/{a:09d}-{b:09d}.npz", lambda f: np.savez(f, **arrays))
+            atomic_write(f"{parts}/{a:09d}-{b:09d}.npz", lambda f: np.savez(f, **arrays))
             lat, kept = lat[:1], []
 
-def encode_cache(name, root, split, image_size, vae, vae_name, batch_size=32, rank=0, world=1, device="cpu", chunk_size=1024, num_workers=0):
+def encode_cache(name, root, split, image_size, vae, vae_name, batch_size=32, rank=0, world=1, device="cpu", chunk_size=1024, num_workers=0,
+                 bf16=False):
     """Encode a split into <dir>/cache-<split>-<S>-<vae>.npy once and return that path. vae.encode(x in [-1, 1]) returns
     the unscaled posterior (mean, std). Rank r encodes chunks r, r + world, ...; rank 0 finishes (after a barrier when
     torch.distributed is initialised; without it, call the other ranks first). An interrupted run resumes chunk-wise."""
     assert image_size % 8 == 0, "the VAE downsamples by 8"
     ds = open_dataset(name, root, split, image_size)
-    base, fp = cache_base(name, root, split, image_size, vae_name), fingerprint(name, split, image_size, vae_name)
+    base, fp = cache_base(name, root, split, image_size, vae_name), cache_settings(name, split, image_size, vae_name)
     listing = "\n".join(f"{os.path.relpath(p, ds.root)}\t{y}" for p, y in ds.samples)  # the images it is made of
     fp["listing"] = hashlib.sha1(listing.encode()).hexdigest()
     if os.path.exists(base + ".json"):
@@ -270,15 +265,15 @@ def encode_cache(name, root, split, image_size, vae, vae_name, batch_size=32, ra
             return base + ".npy"  # done already
         if rank == 0:
             print(f"{base}.npy is stale (made from other images or settings): encoding again", flush=True)
-    parts = f"{base}.parts-{hashlib.sha1(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:10]}"  # new fingerprint, fresh start
+    parts = f"{base}.parts-{hashlib.sha1(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:10]}"  # new settings, fresh start
     os.makedirs(parts, exist_ok=True)
     chunks = [(a, min(a + chunk_size, len(ds))) for a in range(0, len(ds), chunk_size)]
-    _encode_chunks(ds, chunks[rank::world], parts, vae, batch_size, device, num_workers, rank == 0)
+    _encode_chunks(ds, chunks[rank::world], parts, vae, batch_size, device, num_workers, rank == 0, bf16)
     ddp = dist.is_available() and dist.is_initialized()
     if ddp:
         dist.barrier()
     if rank == 0:  # finish: any chunk still missing (none under torchrun), then one array, its labels, and the json last
-        _encode_chunks(ds, chunks, parts, vae, batch_size, device, num_workers, True)
+        _encode_chunks(ds, chunks, parts, vae, batch_size, device, num_workers, True, bf16)
         if os.path.exists(base + ".json"):
             os.remove(base + ".json")  # while the files are replaced, the cache is absent rather than mixed
         files = [np.load(f"{parts}/{a:09d}-{b:09d}.npz") for a, b in chunks]
@@ -288,11 +283,11 @@ def encode_cache(name, root, split, image_size, vae, vae_name, batch_size=32, ra
             np.lib.format.write_array_header_1_0(out, header)
             for f in files:
                 out.write(f["lat"].tobytes())
-        _atomic_write(base + ".npy", write_latents)
-        _atomic_write(base + ".labels.npy", lambda out: np.save(out, np.array([ds.samples[i][1] for i in idx], np.int64)))
+        atomic_write(base + ".npy", write_latents)
+        atomic_write(base + ".labels.npy", lambda out: np.save(out, np.array([ds.samples[i][1] for i in idx], np.int64)))
         skipped = [os.path.relpath(ds.samples[i][0], ds.root) for i in sorted(set(range(len(ds))) - set(idx.tolist()))]
         meta = dict(fp, images=len(ds), n=len(idx), skipped=skipped, classes=ds.classes)
-        _atomic_write(base + ".json", lambda out: out.write(json.dumps(meta, indent=1).encode()))
+        atomic_write(base + ".json", lambda out: out.write(json.dumps(meta, indent=1).encode()))
         for d in glob.glob(base + ".parts-*"):
             shutil.rmtree(d, ignore_errors=True)
         print(f"{base}.npy: {len(idx)} images ({len(skipped)} unreadable skipped{', listed above and in the .json' if skipped else ''})", flush=True)
@@ -308,7 +303,7 @@ def open_cache(name, root, split, image_size, vae_name):
                                 f"run `torchrun --nproc_per_node=8 prepare.py --data {name} --split {split} --image-size {image_size} --vae {vae_name}` first")
     with open(base + ".json") as f:
         meta = json.load(f)
-    want = fingerprint(name, split, image_size, vae_name)
+    want = cache_settings(name, split, image_size, vae_name)
     if {k: meta.get(k) for k in want} != want:
         diff = ", ".join(f"{k}: {meta.get(k)!r} (want {v!r})" for k, v in want.items() if meta.get(k) != v)
         raise ValueError(f"stale latent cache {base}.npy ({diff}): delete it and run prepare.py again")
@@ -349,10 +344,12 @@ def main(args):
         sys.exit(2)
 
     # Encode: every rank its chunks, rank 0 writes the cache.
-    from models import load_vae  # here, so tests can import prepare.py without the models
     vae = load_vae(args.vae).to(device).eval()
+    bf16 = bf16_chosen(args.precision, device)
+    if rank == 0:
+        print(f"--precision {args.precision}: {'bf16 autocast' if bf16 else 'fp32'} on {device}", flush=True)
     path = encode_cache(args.data, args.data_dir, args.split, args.image_size, vae, args.vae, args.batch_size,
-                        rank, world, device, num_workers=args.num_workers)
+                        rank, world, device, num_workers=args.num_workers, bf16=bf16)
     if rank == 0:
         print(f"done: {path}")
     if ddp:

@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import csv
 import glob
+import itertools
 import json
 import math
 import os
@@ -32,39 +33,45 @@ import difffit
 import fid
 import prepare
 from diffusion import create_diffusion
-from models import VAE_SCALE, DiT_models, load_model, load_vae
+from models import VAE_SCALE, DiT_models, atomic_write, bf16_chosen, load_file, load_model, load_vae, raw_config, save_model
 from prepare import DATASETS
-from sample import generate, save_grid
+from sample import generate, save_grid, to_images
+
+# Defaults that depend on the data: the paper's (§4.2) for real datasets, a few CPU minutes for the toy.
+PAPER = dict(max_steps=24_000, global_batch_size=256, ema_decay=0.9999, image_size=256)
+TOY = dict(max_steps=800, global_batch_size=32, ema_decay=0.99, image_size=32)
+TOY_BASE = os.path.join(difffit.ROOT, "assets", "toy_base.pt")  # the small base the offline default fine-tunes
 
 # -----------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description="DiffFit fine-tuning of a pretrained DiT (python or torchrun).")
 # data
 parser.add_argument("--data", default="toy", help=f"dataset ({', '.join(DATASETS)}) or an image folder <class>/<image>")
 parser.add_argument("--data-dir", default="data", help="where datasets and their latent caches live (prepare.py)")
-parser.add_argument("--image-size", type=int, default=None, help="resolution, a multiple of 8 (paper: 256, and 512 in §4.3; the toy is 32)")
+parser.add_argument("--image-size", type=int, default=None, help="resolution, a multiple of 8 (default: 256; 512 in §4.3; the toy: 32)")
 parser.add_argument("--no-cache", action="store_true", help="encode images with the VAE every step instead of reading the latent cache")
 parser.add_argument("--vae", default="ema", help="SD VAE: ema or mse (the encoders are the same), or a local file")
 parser.add_argument("--num-workers", type=int, default=4, help="image-decoding processes per rank (--no-cache)")
 # model
-parser.add_argument("--model", default="DiT-XL/2", choices=list(DiT_models), help="DiT config of a raw published checkpoint (checkpoints written by this repo carry their own)")
-parser.add_argument("--ckpt", default=None, help="base checkpoint (default: DiT-XL-2-256x256.pt, downloaded; the toy's assets/toy_base.pt); 'scratch' = random init")
-parser.add_argument("--no-pos-trick", action="store_true", help="from a lower-resolution base, use the plain sin-cos table instead of the interpolated one (§4.3)")
+parser.add_argument("--model", default="DiT-XL/2", choices=list(DiT_models), help="DiT config of a raw published checkpoint (ours carry their own)")
+parser.add_argument("--ckpt", default=None, help="base (default: DiT-XL-2-256x256.pt, downloaded; the toy: assets/toy_base.pt); 'scratch' = random init")
+parser.add_argument("--no-pos-trick", action="store_true", help="from a lower-resolution base: the plain sin-cos table, not the interpolated one (§4.3)")
 # difffit
 parser.add_argument("--method", default="difffit", choices=list(difffit.METHODS), help="which parameters train")
 parser.add_argument("--gamma-blocks", default=None, help="blocks that get γ, e.g. '0-13' (default: the first half, Table 4b)")
 parser.add_argument("--no-gamma-qkv", action="store_true", help="no γ on the qkv projections (Table 4c)")
 parser.add_argument("--no-gamma-final", action="store_true", help="no γ on the final layer (Table 4c)")
 # diff-tuning (Zhong et al. 2024, arXiv:2406.00773; composes with any --method)
-parser.add_argument("--diff-tuning", default=None, metavar="BANK", help="Diff-Tuning with this knowledge bank of base samples (sample.py --num-bank-samples)")
+parser.add_argument("--diff-tuning", default=None, metavar="BANK", help="Diff-Tuning with this bank of base samples (sample.py --num-bank-samples)")
 parser.add_argument("--bank-fraction", type=float, default=0.2, help="share of each batch taken from the bank (Diff-Tuning: 0.2)")
 parser.add_argument("--bank-weight", type=float, default=0.1, help="weight of the bank's loss term (Diff-Tuning: 0.1)")
 parser.add_argument("--tau", type=float, default=1.0, help="downstream t ∝ (t+1)^τ, bank t ∝ (T-t)^τ (Diff-Tuning: 1; 0 = uniform)")
 # optimization
-parser.add_argument("--max-steps", type=int, default=None, help="optimizer steps (paper: 24,000; toy: 800)")
-parser.add_argument("--global-batch-size", type=int, default=None, help="images per step over all ranks (paper: 256; toy: 32)")
+parser.add_argument("--max-steps", type=int, default=None, help=f"optimizer steps (default: {PAPER['max_steps']}, the paper's; the toy: {TOY['max_steps']})")
+parser.add_argument("--global-batch-size", type=int, default=None,
+                    help=f"images per step over all ranks (default: {PAPER['global_batch_size']}; the toy: {TOY['global_batch_size']})")
 parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-parser.add_argument("--lr", type=float, default=None, help="default 1e-4 for full fine-tuning and 10x that for the others (Table 4d)")
-parser.add_argument("--ema-decay", type=float, default=None, help="EMA decay of the trained parameters (paper/DiT: 0.9999; toy: 0.99)")
+parser.add_argument("--lr", type=float, default=None, help="default: 1e-4 for full fine-tuning and 10x that, 1e-3, for the others (Table 4d)")
+parser.add_argument("--ema-decay", type=float, default=None, help=f"EMA decay of the trained tensors (default: {PAPER['ema_decay']}; toy: {TOY['ema_decay']})")
 parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="bf16 autocast where the hardware has it (auto)")
 parser.add_argument("--compile", action="store_true", help="torch.compile the model")
 parser.add_argument("--seed", type=int, default=0, help="global seed")
@@ -78,21 +85,6 @@ parser.add_argument("--sample-steps", type=int, default=50, help="DDPM steps for
 parser.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale of the sample grids (paper: 4.0 for pictures)")
 parser.add_argument("--eval-per-class", type=int, default=16, help="toy data only: samples per class for the toy measure at start and end (0: off)")
 
-# Defaults that depend on the data: the paper's (§4.2) for real datasets, a few CPU minutes for the toy.
-PAPER = dict(max_steps=24_000, global_batch_size=256, ema_decay=0.9999)
-TOY = dict(max_steps=800, global_batch_size=32, ema_decay=0.99)
-
-def batch_indices(i, n, batch, rank, world, seed):
-    """Dataset indices of one rank's share of global micro-batch i. Each epoch is a seeded permutation, so
-    any batch is a pure function of (seed, i): a resumed run sees exactly the batches it would have seen."""
-    pos = (i * world + rank) * batch + torch.arange(batch)  # positions in the endless stream of epochs
-    out = torch.empty_like(pos)
-    for epoch in (pos // n).unique().tolist():
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        m = pos // n == epoch
-        out[m] = perm[pos[m] % n]
-    return out
-
 # -----------------------------------------------------------------------------
 # helpers
 
@@ -105,41 +97,201 @@ def die(msg):
     print(f"error: {msg}", file=sys.stderr, flush=True)
     sys.exit(2)
 
-def atomic_save(obj, path):
-    """temp file, fsync, rename: a crash mid-write leaves the previous file intact, never half a file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
 def git_info():
-    run = lambda *cmd: subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    run = lambda *cmd: subprocess.run(cmd, capture_output=True, text=True, cwd=difffit.ROOT).stdout.strip()
     try:
         return f"{run('git', 'rev-parse', '--short', 'HEAD') or 'no commit'}{' + uncommitted changes' if run('git', 'status', '--porcelain', '-uno') else ''}"
     except OSError:
         return "unknown"
 
-def bf16_supported(device):
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return torch.ops.mkldnn._is_mkldnn_bf16_supported()  # CPUs with AVX512-BF16 or AMX
+def resolve_args(args):
+    """(args, dataset info, checkpoint or None): a resumed run takes its own arguments, the rest default by dataset."""
+    ckpt = None
+    if args.resume:
+        run_dir = args.resume
+        if run_dir == "latest":
+            runs = sorted(glob.glob(os.path.join(args.results_dir, "[0-9][0-9][0-9]-*")))
+            run_dir = runs[-1] if runs else die(f"--resume latest: there are no runs in {args.results_dir}")
+        if not os.path.exists(os.path.join(run_dir, "ckpt.pt")):
+            die(f"--resume {run_dir}: no ckpt.pt there (runs write one every --ckpt-every steps)")
+        ckpt = load_file(os.path.join(run_dir, "ckpt.pt"), "checkpoint")
+        # the run's own arguments, over today's defaults (a flag added since the checkpoint keeps its default)
+        args = argparse.Namespace(**{**vars(parser.parse_args([])), **ckpt["args"], "resume": run_dir,
+                                     "max_steps": args.max_steps or ckpt["args"]["max_steps"]})
+    if args.data not in DATASETS and not os.path.isdir(args.data):
+        die(f"--data {args.data}: not a dataset ({', '.join(DATASETS)}) nor an image folder")
+    info = DATASETS.get(args.data) or dict(classes=len([d for d in os.scandir(args.data) if d.is_dir() and not d.name.startswith(".")]))
+    toy = info.get("toy", False)
+    for k, v in (TOY if toy else PAPER).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if not toy and args.image_size % 8:
+        die(f"--image-size {args.image_size}: the VAE needs a multiple of 8")
+    args.lr = args.lr or (1e-4 if args.method == "full" else 1e-3)  # Table 4d: PEFT is best at 10x DiT's 1e-4
+    args.ckpt = args.ckpt or (TOY_BASE if args.data == "toy" else "scratch" if toy else "DiT-XL-2-256x256.pt")
+    return args, info, ckpt
+
+def create_model(args, info, ckpt):
+    """(model, config, spec): the base loaded strictly with the method's surgery done, or a resumed run's model."""
+    if ckpt is not None:
+        model, delta = difffit.load(ckpt["delta"])
+        return model, delta["config"], delta["spec"]
+    if info.get("toy"):  # pixel space; the toy base's architecture
+        config = dict(input_size=32, patch_size=4, in_channels=3, hidden_size=128, depth=6, num_heads=4, num_classes=8)
+    else:  # latent space; used for 'scratch' and for raw published checkpoints, which carry no config
+        config = raw_config(args.model, args.image_size)
+    model, config, base_grid = load_model(args.ckpt, config, input_size=config["input_size"])
+    gamma_blocks = None
+    if args.gamma_blocks:  # "0-13" or "5"
+        a, _, b = args.gamma_blocks.partition("-")
+        if not (a.isdigit() and (b or a).isdigit()):
+            die(f"--gamma-blocks {args.gamma_blocks}: expected a block range like 0-13 or one block like 5")
+        gamma_blocks = list(range(int(a), int(b or a) + 1))
+    new_labels = args.ckpt != "scratch" and not info.get("imagenet_labels")  # fresh class rows (difffit.py)
+    base_grid = base_grid if args.ckpt != "scratch" and not args.no_pos_trick else None  # the §4.3 trick from a smaller grid
+    spec = difffit.make_spec(model, args.method, info["classes"], gamma_blocks, not args.no_gamma_qkv, not args.no_gamma_final,
+                             new_labels, base_grid)
+    if args.ckpt == "scratch":
+        spec["fingerprint"] = None  # a random init has no weights to check a delta against
+    difffit.apply(model, spec)
+    return model, config, spec
+
+def batch_indices(i, n, batch, rank, world, seed):
+    """Dataset indices of one rank's share of global micro-batch i. Each epoch is a seeded permutation, so
+    any batch is a pure function of (seed, i): a resumed run sees exactly the batches it would have seen."""
+    pos = (i * world + rank) * batch + torch.arange(batch)  # positions in the endless stream of epochs
+    out = torch.empty_like(pos)
+    for epoch in (pos // n).unique().tolist():
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        m = pos // n == epoch
+        out[m] = perm[pos[m] % n]
+    return out
+
+def to_unit(x):
+    """uint8 images (B, 3, H, W) -> floats in [-1, 1], each flipped left-right with probability 1/2 (DiT's augmentation)."""
+    x = x.float().div(127.5).sub(1)
+    return torch.where(torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5, x.flip(3), x)
+
+def batches(args, info, n, start, vae, bf16, rank, world, device):
+    """(x, y) of every micro-step from `start` on, n images per rank: pixels in [-1, 1] (the toy) or scaled VAE latents."""
+    if info.get("toy"):  # in memory
+        images, labels = prepare.load_toy(args.data)
+        images = images.permute(0, 3, 1, 2)  # uint8 (N, 3, 32, 32)
+        for i in itertools.count(start):
+            idx = batch_indices(i, len(images), n, rank, world, args.seed)
+            yield to_unit(images[idx].to(device)), labels[idx].to(device)
+    elif not args.no_cache:  # the cache of both flips' VAE posteriors: a fresh flip and posterior sample each time
+        cache = prepare.open_cache(args.data, args.data_dir, "train", args.image_size, args.vae)
+        labels = torch.from_numpy(cache["labels"])
+        for i in itertools.count(start):
+            idx = batch_indices(i, len(labels), n, rank, world, args.seed)
+            yield prepare.sample_latents(cache, idx).to(device), labels[idx].to(device)
+    else:  # encode every step, as DiT's train.py does (slower: the VAE costs more than a DiffFit step)
+        ds = prepare.open_dataset(args.data, args.data_dir, "train", args.image_size)
+        order = (batch_indices(i, len(ds), n, rank, world, args.seed).tolist() for i in itertools.count(start))
+        loader = torch.utils.data.DataLoader(ds, batch_sampler=order, num_workers=args.num_workers, collate_fn=prepare.collate,
+                                             pin_memory=device.type == "cuda")
+        for x, y in loader:  # uint8 (B, 3, S, S); unreadable images were dropped (and reported) by collate
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                mean, std = vae.encode(to_unit(x.to(device)))
+            yield (mean + std * torch.randn_like(std)) * VAE_SCALE, y.to(device)
+
+def claim_run_dir(results_dir, name):
+    """results_dir/NNN-name, NNN one past the highest number there. os.mkdir either creates the folder or fails, so two
+    runs started at once never share one, and gaps in the numbers (deleted runs) are no problem."""
+    os.makedirs(results_dir, exist_ok=True)
+    while True:
+        taken = [int(d[:3]) for d in os.listdir(results_dir) if d[:3].isdigit() and d[3:4] == "-"]
+        run_dir = os.path.join(results_dir, f"{max(taken, default=-1) + 1:03d}-{name}")
+        try:
+            os.mkdir(run_dir)
+            return run_dir
+        except FileExistsError:  # another run took that number first
+            continue
+
+def open_run(args, ckpt):
+    """(run folder, log.txt, metrics.csv), the files open for appending. A resumed run's logs are cut back to what they
+    held at its checkpoint, so the steps after it (redone now) are not logged twice, and a crash's temp files go."""
+    if ckpt is None:
+        name = f"{os.path.basename(os.path.normpath(args.data))}-{args.method}" + ("-difftuning" if args.diff_tuning else "")
+        run_dir = claim_run_dir(args.results_dir, name)
+    else:
+        run_dir = args.resume
+        for f in glob.glob(os.path.join(run_dir, "*.tmp")):
+            os.remove(f)
+        for name, size in ckpt.get("logs", {}).items():
+            with open(os.path.join(run_dir, name), "a") as f:
+                f.truncate(size)
+    return run_dir, open(os.path.join(run_dir, "log.txt"), "a"), open(os.path.join(run_dir, "metrics.csv"), "a", newline="")
+
+def rng_states(ddp, world, trained, step, device):
+    """Every rank's RNG states (for exact resume); under DDP also a cheap check that the replicas are still identical."""
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else torch.zeros(0)}
+    if not ddp:
+        return [rng]
+    rngs = [None] * world
+    dist.all_gather_object(rngs, rng)
+    sums = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(world)]
+    dist.all_gather(sums, sum(p.detach().double().sum() for p in trained.values()).reshape(1))
+    if any(not torch.equal(s, sums[0]) for s in sums):
+        raise RuntimeError(f"DDP replicas diverged at step {step}: {[s.item() for s in sums]}")
+    return rngs
+
+def save_checkpoint(path, delta, ema, opt, step, rngs, args, logs):
+    """ckpt.pt: the run's delta (current tensors), their EMA, the optimizer, the step, every rank's RNG, the args
+    (a dict) and the sizes of the log files: plain tensors and containers, so it loads with weights_only=True."""
+    ckpt = dict(delta=delta, ema={k: v.cpu() for k, v in ema.items()}, opt=opt.state_dict(), step=step, rng=rngs, args=vars(args),
+                logs={os.path.basename(f.name): f.tell() for f in logs})
+    atomic_write(path, lambda f: torch.save(ckpt, f))
 
 @contextlib.contextmanager
 def swapped_in(model, params):
     """Temporarily load `params` (e.g. the EMA) into the model's trained parameters."""
-    named = dict(model.named_parameters())
-    backup = {k: named[k].detach().clone() for k in params}
-    with torch.no_grad():
-        for k, v in params.items():
-            named[k].copy_(v)
+    backup = {k: v.detach().clone() for k, v in model.named_parameters() if k in params}
+    difffit.copy_params(model, params)
     try:
         yield model
     finally:
-        with torch.no_grad():
-            for k, v in backup.items():
-                named[k].copy_(v)
+        difffit.copy_params(model, backup)
+
+def save_samples(model, ema, args, num_classes, vae, bf16, path):
+    """A grid of 16 EMA samples (the classes in turn), with the run's sampling settings."""
+    model.eval()
+    with swapped_in(model, ema), torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16, enabled=bf16):
+        x = generate(model, create_diffusion(str(args.sample_steps)), [i % num_classes for i in range(16)], args.cfg_scale)
+        save_grid(to_images(x, vae), path)
+    model.train()
+
+# -----------------------------------------------------------------------------
+# Diff-Tuning (Zhong et al. 2024, arXiv:2406.00773), which composes with any method: part of each batch comes from
+# a knowledge bank of the base's own samples, trained with the null label. A fork without it deletes this block
+# and the lines marked "Diff-Tuning" in main.
+
+def sample_timesteps(n, T, tau, towards="noise", device="cpu"):
+    """Diff-Tuning draws t, it does not weight the loss: P(t) ∝ (t + 1)^τ for downstream data (towards the noise
+    end, where the model must re-learn the domain), ∝ (T − t)^τ for the knowledge bank (towards the data end, where
+    the base's knowledge still holds). τ = 0 is plain training's uniform draw, with the same random numbers."""
+    if tau == 0:
+        return torch.randint(0, T, (n,), device=device)
+    w = torch.arange(1, T + 1, dtype=torch.float32, device=device) ** tau  # (t + 1)^τ for t = 0 .. T-1
+    return torch.multinomial(w if towards == "noise" else w.flip(0), n, replacement=True)
+
+def bank_batches(path, n, start, model, rank, world, seed, device):
+    """n bank samples per rank and micro-step from `start` on: its own seeded stream of epochs; no flips, the samples
+    are the base's own distribution."""
+    if not os.path.exists(path):
+        die(f"--diff-tuning {path}: no such bank; write one from the base with sample.py --num-bank-samples")
+    bank = np.load(path, mmap_mode="r", allow_pickle=False)  # float32 (N, C, H, W), read a batch at a time
+    if bank.shape[1:] != (model.in_channels, model.input_size, model.input_size):
+        die(f"--diff-tuning {path}: its samples are {bank.shape[1:]}, this model takes "
+            f"{(model.in_channels, model.input_size, model.input_size)}; sample the bank from this base")
+    print0(f"Diff-Tuning: {n} samples per rank and micro-step from the bank ({len(bank):,} samples)")
+    for i in itertools.count(start):
+        idx = batch_indices(i, len(bank), n, rank, world, seed + 1)
+        yield torch.from_numpy(bank[idx.numpy()]).to(device)
+
+# -----------------------------------------------------------------------------
+# the toy measure: the CPU stand-in for FID, before and after training on toy data
 
 def toy_probe(data):
     """A linear classifier (logistic regression) on fid.py's toy features, fitted on the train split: it reads
@@ -155,7 +307,7 @@ def toy_probe(data):
         out = torch.nn.functional.cross_entropy(x @ w, labels) + 1e-3 * w[:-1].square().sum()
         out.backward()
         return out
-    with torch.enable_grad():
+    with torch.enable_grad(), torch.autocast("cpu", enabled=False):
         opt.step(loss)
     w = w.detach()
     return lambda feats: (torch.cat([(torch.from_numpy(feats).float() - mu) / sd, torch.ones(len(feats), 1)], 1) @ w).argmax(1).numpy()
@@ -168,9 +320,21 @@ def toy_eval(model, data, n_per_class=16, steps=50, cfg_scale=4.0):
     f_ref = fid.toy_features(ref.numpy())
     probe = toy_probe(data)
     labels = np.array([k for k in range(model.num_classes) for _ in range(n_per_class)])
-    f = fid.toy_features(generate(model, create_diffusion(str(steps)), labels.tolist(), cfg_scale).numpy())
+    f = fid.toy_features(to_images(generate(model, create_diffusion(str(steps)), labels.tolist(), cfg_scale)).numpy())
     return dict(frechet_distance=fid.frechet_distance(*fid.statistics(f), *fid.statistics(f_ref)),
                 class_accuracy=float((probe(f) == labels).mean()), probe_accuracy_on_real=float((probe(f_ref) == ref_y.numpy()).mean()))
+
+def toy_measure(model, params, args, info, bf16, what, run_dir, step, log0):
+    """The toy measure of the model with `params` swapped in, logged and written to run_dir/toy_<what>.json."""
+    model.eval()
+    with swapped_in(model, params), torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16, enabled=bf16):
+        m = toy_eval(model, args.data, args.eval_per_class, args.sample_steps, args.cfg_scale)
+    model.train()
+    log0(f"toy measure ({'the base, before training' if what == 'base' else 'EMA after training'}): "
+         f"Fréchet distance {m['frechet_distance']:.3f} (toy features) | class accuracy {m['class_accuracy']:.0%} "
+         f"(linear probe; chance {1 / info['classes']:.0%}, real test images {m['probe_accuracy_on_real']:.0%})")
+    with open(os.path.join(run_dir, f"toy_{what}.json"), "w") as f:
+        json.dump(dict(m, step=step), f)
 
 # -----------------------------------------------------------------------------
 
@@ -179,77 +343,34 @@ def main(args):
     ddp = "RANK" in os.environ
     if ddp:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-    else:
-        rank, world = 0, 1
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 on Ampere+: 0.51 -> 0.81 it/s for DiT (DiT #22)
     torch.backends.cudnn.allow_tf32 = True
 
-    # Resolve the arguments: a resumed run takes its own, the rest default by dataset.
-    run_dir, ckpt = None, None
-    if args.resume:
-        run_dir = args.resume
-        if run_dir == "latest":
-            runs = sorted(glob.glob(os.path.join(args.results_dir, "[0-9][0-9][0-9]-*")))
-            run_dir = runs[-1] if runs else die(f"--resume latest: there are no runs in {args.results_dir}")
-        if not os.path.exists(os.path.join(run_dir, "ckpt.pt")):
-            die(f"--resume {run_dir}: no ckpt.pt there (runs write one every --ckpt-every steps)")
-        ckpt = torch.load(os.path.join(run_dir, "ckpt.pt"), map_location="cpu", weights_only=True)
-        # the run's own arguments, over today's defaults (a flag added since the checkpoint keeps its default)
-        args = argparse.Namespace(**{**vars(parser.parse_args([])), **ckpt["args"], "max_steps": args.max_steps or ckpt["args"]["max_steps"]})
-    if args.data not in DATASETS and not os.path.isdir(args.data):
-        die(f"--data {args.data}: not a dataset ({', '.join(DATASETS)}) nor an image folder")
-    info = DATASETS.get(args.data) or dict(classes=len([d for d in os.scandir(args.data) if d.is_dir() and not d.name.startswith(".")]))
+    # Settings: a resumed run's own, or these with defaults by dataset; the batch per rank and micro-step.
+    args, info, ckpt = resolve_args(args)
     toy = info.get("toy", False)
-    for k, v in (TOY if toy else PAPER).items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    args.image_size = args.image_size or info.get("size", 256)
-    if not toy and args.image_size % 8:
-        die(f"--image-size {args.image_size}: the VAE needs a multiple of 8")
-    args.lr = args.lr or (1e-4 if args.method == "full" else 1e-3)  # Table 4d: PEFT is best at 10x DiT's 1e-4
-    args.ckpt = args.ckpt or ("assets/toy_base.pt" if args.data == "toy" else "scratch" if toy else "DiT-XL-2-256x256.pt")
     if args.global_batch_size % (world * args.grad_accum):
         die(f"--global-batch-size {args.global_batch_size} is not divisible by {world} ranks x --grad-accum {args.grad_accum}")
-    batch = args.global_batch_size // (world * args.grad_accum)  # per rank, per micro-step
+    batch = args.global_batch_size // (world * args.grad_accum)
     n_bank = int(args.bank_fraction * batch) if args.diff_tuning else 0  # Diff-Tuning: 0.2 x 32 -> 6 bank + 26 data
     if args.diff_tuning and not (0 <= args.bank_fraction < 1 and (n_bank or args.bank_fraction == 0)):
         die(f"--bank-fraction {args.bank_fraction} of a per-rank batch of {batch} gives {n_bank} bank samples: use a fraction in (0, 1) and a larger batch")
-    n_data = batch - n_bank
     torch.manual_seed(args.seed * world + rank)
-    use_bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_supported(device))
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+    bf16 = bf16_chosen(args.precision, device)
 
-    # Create model: the base (strict load), then the DiffFit surgery on it.
-    if toy:  # pixel space; the toy base's architecture (1.9M parameters, 7 MB)
-        config = dict(input_size=32, patch_size=4, in_channels=3, hidden_size=128, depth=6, num_heads=4, num_classes=8)
-    else:  # latent space; used for 'scratch' and for raw published checkpoints, which carry no config
-        config = dict(model=args.model, input_size=args.image_size // 8, in_channels=4, num_classes=1000)
-    model = load_model(args.ckpt, config, input_size=config["input_size"]).to(device)
-    config = model.config  # a checkpoint written here brings its own
-    base_grid = model.base_grid if args.ckpt != "scratch" and not args.no_pos_trick else None
-    gamma_blocks = None
-    if args.gamma_blocks:  # "0-13" or "5"
-        a, _, b = args.gamma_blocks.partition("-")
-        if not (a.isdigit() and (b or a).isdigit()):
-            die(f"--gamma-blocks {args.gamma_blocks}: expected a block range like 0-13 or one block like 5")
-        gamma_blocks = list(range(int(a), int(b or a) + 1))
-    new_labels = args.ckpt != "scratch" and not info.get("imagenet_labels")  # fresh class rows (difffit.py)
-    spec = difffit.make_spec(model, args.method, info["classes"], gamma_blocks, not args.no_gamma_qkv,
-                             not args.no_gamma_final, new_labels, base_grid)
-    difffit.apply(model, spec)
+    # Create model: the base (strict load), then the surgery of the method on it; a resumed run rebuilds it from its delta.
+    model, config, spec = create_model(args, info, ckpt)
+    model.to(device)
     trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
     ema = {n: p.detach().clone() for n, p in trained.items()}  # EMA of the trained parameters only
     opt = torch.optim.AdamW(trained.values(), lr=args.lr, weight_decay=0, fused=device.type == "cuda")  # DiT: AdamW, wd 0
     diffusion = create_diffusion("")  # training sees all 1000 steps
     step = 0
-    if ckpt is not None:  # resume: trained tensors, EMA, optimizer, step and every rank's RNG streams
-        with torch.no_grad():
-            for k, v in ckpt["params"].items():
-                trained[k].copy_(v)
+    if ckpt is not None:  # resume: EMA, optimizer, step and every rank's RNG streams (the tensors came with the delta)
         ema = {k: v.to(device) for k, v in ckpt["ema"].items()}
         opt.load_state_dict(ckpt["opt"])
         step = ckpt["step"]
@@ -260,57 +381,20 @@ def main(args):
     if ddp:
         train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    # Setup data: a batch of any micro-step i is a pure function of (seed, i) (batch_indices), so resume is exact.
+    # Setup data: any micro-step's batch is a pure function of (seed, i) (batch_indices), so resume is exact.
     vae = None if toy else load_vae(args.vae).to(device).eval()  # latents; also decodes the sample grids
-    if toy:  # in memory, pixels in [-1, 1]
-        images, labels = prepare.load_toy(args.data)
-        x_all = images.permute(0, 3, 1, 2).float().div(127.5).sub(1)  # uint8 NHWC -> float NCHW
-        def get_batch(i):
-            idx = batch_indices(i, len(x_all), n_data, rank, world, args.seed)
-            x = x_all[idx].to(device)
-            return torch.where(torch.rand(len(x), 1, 1, 1, device=device) < 0.5, x.flip(3), x), labels[idx].to(device)
-    elif not args.no_cache:  # the VAE posteriors of both flips, encoded once (all ranks share the work)
-        prepare.encode_cache(args.data, args.data_dir, "train", args.image_size, vae, args.vae, rank=rank, world=world, device=device)
-        cache = prepare.open_cache(args.data, args.data_dir, "train", args.image_size, args.vae)
-        labels = torch.from_numpy(cache["labels"])
-        def get_batch(i):  # a fresh flip and posterior sample each time, as when encoding online
-            idx = batch_indices(i, len(labels), n_data, rank, world, args.seed)
-            return prepare.sample_latents(cache, idx).to(device), labels[idx].to(device)
-    else:  # encode every step, as DiT's train.py does (slower: the VAE costs more than a DiffFit step)
-        ds = prepare.open_dataset(args.data, args.data_dir, "train", args.image_size)
-        order = (batch_indices(i, len(ds), n_data, rank, world, args.seed).tolist() for i in range(step * args.grad_accum, args.max_steps * args.grad_accum))
-        loader = iter(torch.utils.data.DataLoader(ds, batch_sampler=order, num_workers=args.num_workers, collate_fn=prepare.collate, pin_memory=device.type == "cuda"))
-        def get_batch(i):
-            x, y = next(loader)  # uint8 (B, 3, S, S); unreadable images were dropped (and reported) by collate
-            x = x.to(device).float().div(127.5).sub(1)
-            x = torch.where(torch.rand(len(x), 1, 1, 1, device=device) < 0.5, x.flip(3), x)
-            with torch.no_grad(), autocast:
-                mean, std = vae.encode(x)
-            return (mean + std * torch.randn_like(std)) * VAE_SCALE, y.to(device)
-    if args.diff_tuning:  # the knowledge bank: base samples in the model's input space, trained with the null label
-        if not os.path.exists(args.diff_tuning):
-            die(f"--diff-tuning {args.diff_tuning}: no such bank; write one from the base with sample.py --num-bank-samples")
-        bank = np.load(args.diff_tuning, mmap_mode="r")  # float32 (N, C, H, W), read a batch at a time
-        if bank.shape[1:] != (model.in_channels, model.input_size, model.input_size):
-            die(f"--diff-tuning {args.diff_tuning}: its samples are {bank.shape[1:]}, this model takes "
-                f"{(model.in_channels, model.input_size, model.input_size)}; sample the bank from this base")
-        def get_bank(i):  # its own seeded stream of epochs; no flips: the samples are the base's own distribution
-            idx = batch_indices(i, len(bank), n_bank, rank, world, args.seed + 1)
-            return torch.from_numpy(bank[idx.numpy()]).to(device)
+    if not toy and not args.no_cache:  # the VAE posteriors of both flips, encoded once (all ranks share the work)
+        prepare.encode_cache(args.data, args.data_dir, "train", args.image_size, vae, args.vae, rank=rank, world=world, device=device, bf16=bf16)
+    data = batches(args, info, batch - n_bank, step * args.grad_accum, vae, bf16, rank, world, device)
+    if args.diff_tuning:  # Diff-Tuning: the knowledge bank
+        bank = bank_batches(args.diff_tuning, n_bank, step * args.grad_accum, model, rank, world, args.seed, device)
 
-    # Run folder, log file, metrics CSV (rank 0).
-    if rank == 0 and run_dir is None:
-        os.makedirs(args.results_dir, exist_ok=True)
-        n_runs = len(glob.glob(os.path.join(args.results_dir, "[0-9][0-9][0-9]-*")))
-        name = f"{os.path.basename(os.path.normpath(args.data))}-{args.method}" + ("-difftuning" if args.diff_tuning else "")
-        run_dir = os.path.join(args.results_dir, f"{n_runs:03d}-{name}")
-        os.makedirs(run_dir)
+    # Run folder, log file, metrics CSV (rank 0; the other ranks learn the folder's name).
+    run_dir, log, metrics_file = open_run(args, ckpt) if rank == 0 else (None, None, None)
     if ddp:
         box = [run_dir]
         dist.broadcast_object_list(box, src=0)
         run_dir = box[0]
-    log = open(os.path.join(run_dir, "log.txt"), "a") if rank == 0 else None
-    metrics_file = open(os.path.join(run_dir, "metrics.csv"), "a", newline="") if rank == 0 else None
     metrics = csv.writer(metrics_file) if rank == 0 else None
     def log0(msg):
         print0(msg)
@@ -320,76 +404,35 @@ def main(args):
     n_trained = sum(p.numel() for p in trained.values())
     n_total = sum(p.numel() for n, p in model.named_parameters() if n != "pos_embed")
     log0(f"args: {json.dumps(vars(args))}")
-    log0(f"git {git_info()} | torch {torch.__version__} | {world} x {device} | {'bf16 autocast' if use_bf16 else 'fp32'}")
+    log0(f"git {git_info()} | torch {torch.__version__} | {world} x {device} | --precision {args.precision}: {'bf16 autocast' if bf16 else 'fp32'}")
     log0(f"{args.method}: {n_trained:,} of {n_total:,} parameters train ({100 * n_trained / n_total:.3f}%) | {run_dir}")
-    if args.diff_tuning:
-        log0(f"Diff-Tuning: {n_bank} of {batch} samples per rank and micro-step from the bank ({len(bank):,} samples, "
-             f"loss weight {args.bank_weight}), τ = {args.tau}")
     if metrics and step == 0:
         metrics.writerow(["step", "loss", "lr", "img_per_s"])
         metrics_file.flush()
-
-    def save_checkpoint():
-        rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else torch.zeros(0)}
-        rngs = [rng]
-        if ddp:  # every rank's RNG streams, and a cheap check that DDP kept the replicas identical
-            rngs = [None] * world
-            dist.all_gather_object(rngs, rng)
-            sums = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(world)]
-            dist.all_gather(sums, sum(p.detach().double().sum() for p in trained.values()).reshape(1))
-            if any(not torch.equal(s, sums[0]) for s in sums):
-                raise RuntimeError(f"DDP replicas diverged at step {step}: {[s.item() for s in sums]}")
-            log0(f"step {step}: {world} replicas in sync, checkpoint saved")
-        if rank == 0:  # plain tensors and dicts only, so it loads with weights_only=True
-            atomic_save({"args": vars(args), "config": config, "spec": spec, "step": step,
-                         "params": {k: v.detach().cpu() for k, v in trained.items()},
-                         "ema": {k: v.cpu() for k, v in ema.items()}, "opt": opt.state_dict(), "rng": rngs},
-                        os.path.join(run_dir, "ckpt.pt"))
-        if ddp:
-            dist.barrier()
-
-    def save_samples(name):
-        if rank == 0:
-            model.eval()
-            with swapped_in(model, ema), autocast:
-                grid_labels = [i % info["classes"] for i in range(16)]
-                images = generate(model, create_diffusion(str(args.sample_steps)), grid_labels, args.cfg_scale, vae=vae)
-            save_grid(images, os.path.join(run_dir, name))
-            model.train()
-
-    def toy_measure(what):  # the toy's stand-in for FID, before and after training (rank 0)
-        if rank == 0 and toy and args.eval_per_class and args.ckpt != "scratch":
-            model.eval()
-            with (swapped_in(model, ema) if what == "ema" else contextlib.nullcontext()), autocast:
-                m = toy_eval(model, args.data, args.eval_per_class, args.sample_steps, args.cfg_scale)
-            model.train()
-            log0(f"toy measure ({'the base, before training' if what == 'base' else 'EMA after training'}): "
-                 f"Fréchet distance {m['frechet_distance']:.3f} (toy features) | class accuracy {m['class_accuracy']:.0%} "
-                 f"(linear probe; chance {1 / info['classes']:.0%}, real test images {m['probe_accuracy_on_real']:.0%})")
-            with open(os.path.join(run_dir, f"toy_{what}.json"), "w") as f:
-                json.dump(dict(m, step=step), f)
+    measure = rank == 0 and toy and args.eval_per_class and args.ckpt != "scratch"
+    if measure and step == 0:
+        toy_measure(model, {}, args, info, bf16, "base", run_dir, step, log0)
 
     # Train: one optimizer step = grad_accum micro-batches on every rank.
-    if step == 0:
-        toy_measure("base")
     model.train()  # enables label dropout, so the unconditional branch keeps training (CFG)
     running, t0, since = torch.zeros((), device=device), time.time(), step
     bar = tqdm(total=args.max_steps, initial=step, unit="step", disable=rank != 0 or not sys.stderr.isatty())  # terminals only
     while step < args.max_steps:
         for micro in range(args.grad_accum):
-            i = step * args.grad_accum + micro
-            x, y = get_batch(i)
-            n = len(x)  # n_data, or fewer if --no-cache dropped unreadable images
-            # t uniform; Diff-Tuning: downstream t towards the noise end, where the model must learn the new domain
-            t = difffit.sample_timesteps(n, diffusion.num_timesteps, args.tau if args.diff_tuning else 0, "noise", device)
-            if n_bank:  # Diff-Tuning: one batch [data; bank], the bank with the null label and t towards the data end
-                x = torch.cat([x, get_bank(i)])
-                y = torch.cat([y, torch.full((n_bank,), model.num_classes, device=device)])
-                t = torch.cat([t, difffit.sample_timesteps(n_bank, diffusion.num_timesteps, args.tau, "data", device)])
+            x, y = next(data)
+            n = len(x)  # batch - n_bank, or fewer if --no-cache dropped unreadable images
+            if args.diff_tuning:  # Diff-Tuning: one batch [data; bank], data t towards the noise end, the bank's towards the data end
+                t = sample_timesteps(n, diffusion.num_timesteps, args.tau, "noise", device)
+                if n_bank:
+                    x, y = torch.cat([x, next(bank)]), torch.cat([y, torch.full((n_bank,), model.num_classes, device=device)])
+                    t = torch.cat([t, sample_timesteps(n_bank, diffusion.num_timesteps, args.tau, "data", device)])
+            else:
+                t = torch.randint(0, diffusion.num_timesteps, (n,), device=device)  # t uniform, as DiT
             last = micro == args.grad_accum - 1
-            with (train_model.no_sync() if ddp and not last else contextlib.nullcontext()), autocast:
+            with (train_model.no_sync() if ddp and not last else contextlib.nullcontext()), \
+                    torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 losses = diffusion.training_losses(train_model, x, t, dict(y=y))["loss"]  # (n + n_bank,)
-                loss = losses[:n].mean() + (args.bank_weight * losses[n:].mean() if n_bank else 0)
+                loss = losses[:n].mean() + (args.bank_weight * losses[n:].mean() if n_bank else 0)  # Diff-Tuning: the bank's term
             (loss / args.grad_accum).backward()
             running += loss.detach() / args.grad_accum
         opt.step()
@@ -411,32 +454,38 @@ def main(args):
             lr = opt.param_groups[0]["lr"]
             mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0
             ips = (step - since) * args.global_batch_size / dt
-            log0(f"step {step:6d}/{args.max_steps} | loss {loss_avg:.4f} | lr {lr:.1e} | {(step - since) / dt:.2f} steps/s | {ips:.1f} img/s" + (f" | {mem:.1f} GB" if mem else ""))
+            log0(f"step {step:6d}/{args.max_steps} | loss {loss_avg:.4f} | lr {lr:.1e} | {(step - since) / dt:.2f} steps/s | {ips:.1f} img/s"
+                 + (f" | {mem:.1f} GB" if mem else ""))
             if metrics:
                 metrics.writerow([step, f"{loss_avg:.6f}", lr, f"{ips:.2f}"])
                 metrics_file.flush()
             running.zero_()
             t0, since = time.time(), step
         if step % args.ckpt_every == 0 or step == args.max_steps:
-            save_checkpoint()
-        if args.sample_every and step % args.sample_every == 0:
-            save_samples(f"samples-{step:07d}.png")
-
+            rngs = rng_states(ddp, world, trained, step, device)
+            if rank == 0:
+                delta = difffit.make_delta(trained, spec, config, difffit.base_ref(args.ckpt))
+                save_checkpoint(os.path.join(run_dir, "ckpt.pt"), delta, ema, opt, step, rngs, args, (log, metrics_file))
+            if ddp:
+                dist.barrier()
+                log0(f"step {step}: {world} replicas in sync, checkpoint saved")
+        if args.sample_every and step % args.sample_every == 0 and rank == 0:
+            save_samples(model, ema, args, info["classes"], vae, bf16, os.path.join(run_dir, f"samples-{step:07d}.png"))
     bar.close()
 
-    # The results: the delta (EMA of the trained tensors), the merged plain DiT, and a grid of EMA samples.
+    # The results (rank 0): the delta (EMA of the trained tensors), the merged plain DiT, a grid of EMA samples.
     if rank == 0:
-        delta = {**difffit.make_delta(model, spec, ema), "config": config, "ckpt": args.ckpt}
-        atomic_save(delta, os.path.join(run_dir, "delta.pt"))
-        wrote = f"{run_dir}/delta.pt ({os.path.getsize(os.path.join(run_dir, 'delta.pt')) / 1e6:.2f} MB)"
+        delta = difffit.make_delta(ema, spec, config, difffit.base_ref(args.ckpt))
+        difffit.save_delta(os.path.join(run_dir, "delta.safetensors"), delta)
+        wrote = f"{run_dir}/delta.safetensors ({os.path.getsize(os.path.join(run_dir, 'delta.safetensors')) / 1e6:.2f} MB)"
         if args.method in difffit.MERGEABLE:  # adapters and prompts are modules a plain DiT lacks: delta only
-            with swapped_in(model, ema):
-                merged_config = {**config, "num_classes": spec["num_classes"]}
-                atomic_save({"config": merged_config, "model": difffit.merge(model)}, os.path.join(run_dir, "model.pt"))
-            wrote += f" and {run_dir}/model.pt (merged)"
+            merged, _ = difffit.load(delta)  # base + delta in fp32, from the files, as sample.py loads them
+            save_model(os.path.join(run_dir, "model.safetensors"), difffit.merge(merged), {**config, "num_classes": spec["num_classes"]})
+            wrote += f" and {run_dir}/model.safetensors (merged)"
         log0(f"wrote {wrote}")
-    save_samples("samples.png")
-    toy_measure("ema")
+        save_samples(model, ema, args, info["classes"], vae, bf16, os.path.join(run_dir, "samples.png"))
+        if measure:
+            toy_measure(model, ema, args, info, bf16, "ema", run_dir, step, log0)
     if ddp:
         dist.destroy_process_group()
     return run_dir

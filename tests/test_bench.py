@@ -14,12 +14,11 @@ def tiny(monkeypatch):
     """bench.py's arguments for a 2-block DiT on 4x4 latents, batch 2, one round of one step."""
     monkeypatch.setitem(bench.DiT_models, "tiny", lambda **kw: DiT(depth=2, hidden_size=64, patch_size=2, num_heads=4, **kw))
     monkeypatch.setattr(bench, "matmul_peak", lambda device: (lambda *_: torch.randn(64, 64) @ torch.randn(64, 64), 2 * 64 ** 3))
-    def set_args(*argv):
-        monkeypatch.setattr(bench, "args", bench.parser.parse_args(["--image-size", "32", "--batch-size", "2", "--num-classes", "5",
-                                                                    "--steps", "1", "--rounds", "1", *argv]), raising=False)
-        bench.args.model = "tiny"
-    set_args()
-    return set_args
+    def make_args(*argv):
+        args = bench.parser.parse_args(["--image-size", "32", "--batch-size", "2", "--num-classes", "5", "--iters", "1", "--rounds", "1", *argv])
+        args.model = "tiny"
+        return args
+    return make_args
 
 def randomize(model):
     """Random weights everywhere (a fresh DiT outputs 0 and its attention gets no gradient)."""
@@ -50,7 +49,8 @@ def test_reference_lookups_equal_ours():
 @pytest.mark.parametrize("method", ["full", "difffit"])
 def test_reference_step_computes_the_same_loss_and_gradients(tiny, method):
     cpu = torch.device("cpu")
-    ours, ref = bench.trainer(method, cpu), bench.trainer(f"ref {method}", cpu)
+    args = tiny()
+    ours, ref = bench.trainer(method, cpu, args), bench.trainer(f"ref {method}", cpu, args)
     randomize(ours.model), randomize(ref.model)
     torch.manual_seed(2)
     loss = ours(optimize=False)  # the same t, noise and label dropout for both
@@ -70,8 +70,7 @@ def table(out):
     return {line[:22].strip(): line[22:].split() for line in out.splitlines()[3:]}
 
 def test_training_table(tiny, capsys):
-    tiny("--methods", "full,difffit", "--precision", "fp32")
-    bench.main()
+    bench.main(tiny("--methods", "full,difffit", "--precision", "fp32"))
     rows = table(capsys.readouterr().out)
     assert list(rows) == ["ref full", "ref difffit", "full", "difffit"]
     assert rows["ref full"][2] == rows["ref difffit"][2] == "1.00x"  # each reference is its own baseline
@@ -79,12 +78,10 @@ def test_training_table(tiny, capsys):
     assert float(rows["difffit"][1]) > 0 and float(rows["difffit"][5].rstrip("%")) >= 0
 
 def test_sampling_table(tiny, capsys):
-    tiny("--what", "sample", "--sample-steps", "3", "--precision", "fp32")
-    bench.main()
+    bench.main(tiny("--what", "sample", "--steps", "3", "--precision", "fp32"))
     rows = table(capsys.readouterr().out)
     assert list(rows) == ["ref sample", "sample"] and rows["ref sample"][2] == "1.00x"
 
 def test_memory_child_reports_its_peak(tiny, capsys):
-    tiny("--child", "difffit")
-    bench.main()
+    bench.main(tiny("--child", "difffit"))
     assert int(capsys.readouterr().out.split()[-1]) > 2**20  # bytes; at least the interpreter

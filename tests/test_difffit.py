@@ -112,24 +112,59 @@ def test_new_classes_start_as_the_pretrained_unconditional_model():
     null = torch.full_like(y, 10)  # the base's null class
     assert torch.equal(model(x, t, y), base(x, t, null))
 
-def test_delta_checkpoint_roundtrip(tmp_path):
+CONFIG = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=4, num_heads=4, num_classes=10)  # tiny()'s
+
+def test_delta_file_roundtrip_rebuilds_every_method(tmp_path):
+    torch.save(tiny().state_dict(), tmp_path / "base.pt")  # a raw state dict: the delta carries the config
     for method in difffit.METHODS:
         model = tiny()
         spec = difffit.make_spec(model, method, 5)
         difffit.apply(model, spec)
         randomize_trained(model)
-        torch.save(difffit.make_delta(model, spec), tmp_path / "delta.pt")
-        delta = torch.load(tmp_path / "delta.pt", weights_only=True)
-        fresh = tiny()
-        difffit.load_delta(fresh, delta)
+        params = {k: v for k, v in model.named_parameters() if v.requires_grad}
+        path = str(tmp_path / f"{method}.safetensors")
+        difffit.save_delta(path, difffit.make_delta(params, spec, CONFIG, difffit.base_ref(str(tmp_path / "base.pt"))))
+        fresh, delta = difffit.load(path)
+        assert delta["spec"] == spec and delta["config"] == CONFIG
         x, t, y = inputs(num_classes=5)
-        assert torch.equal(fresh(x, t, y), model(x, t, y)), method
+        assert torch.equal(fresh.eval()(x, t, y), model(x, t, y)), method
+
+def test_deltas_of_earlier_versions_still_load(tmp_path):
+    torch.save(tiny().state_dict(), tmp_path / "base.pt")
+    model = tiny()
+    spec = difffit.make_spec(model, "difffit", 5)
+    difffit.apply(model, spec)
+    randomize_trained(model)
+    old_spec = {**{k: v for k, v in spec.items() if k != "fingerprint"}, "base": spec["fingerprint"]}  # the old key
+    torch.save({"spec": old_spec, "params": difffit.trainable_state_dict(model), "config": CONFIG, "ckpt": str(tmp_path / "base.pt")},
+               tmp_path / "delta.pt")
+    fresh, _ = difffit.load(str(tmp_path / "delta.pt"))
+    x, t, y = inputs(num_classes=5)
+    assert torch.equal(fresh.eval()(x, t, y), model(x, t, y))
+
+def test_a_delta_names_its_base_so_it_loads_from_anywhere(tmp_path, monkeypatch):
+    assert difffit.base_ref("scratch") == "scratch" and difffit.base_ref("DiT-XL-2-256x256.pt") == "DiT-XL-2-256x256.pt"
+    assert difffit.base_ref(f"{ROOT}/assets/toy_base.pt") == "assets/toy_base.pt"  # shipped: relative to the repo
+    monkeypatch.chdir(tmp_path)
+    assert difffit.base_ref("elsewhere.pt") == str(tmp_path / "elsewhere.pt")  # any other file: absolute
+    torch.save(tiny().state_dict(), tmp_path / "base.pt")
+    model = tiny()
+    spec = difffit.make_spec(model, "bitfit", 5)
+    difffit.apply(model, spec)
+    delta = difffit.make_delta(difffit.trainable_state_dict(model), spec, CONFIG, difffit.base_ref("base.pt"))
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    difffit.load(delta)  # found by its absolute path from another directory
+    (tmp_path / "base.pt").rename(tmp_path / "moved.pt")
+    with pytest.raises(FileNotFoundError, match="--base"):
+        difffit.load(delta)
+    difffit.load(delta, base=str(tmp_path / "moved.pt"))  # --base points it elsewhere
 
 def test_delta_holds_only_trained_tensors():
     model = tiny()
     spec = difffit.make_spec(model, "difffit", 5)
     names = difffit.apply(model, spec)
-    delta = difffit.make_delta(model, spec)
+    delta = difffit.make_delta(difffit.trainable_state_dict(model), spec, CONFIG, "scratch")
     assert sorted(delta["params"]) == sorted(names)
     assert sum(v.numel() for v in delta["params"].values()) < 0.1 * sum(p.numel() for p in model.parameters())
 
@@ -137,9 +172,9 @@ def test_delta_on_wrong_base_is_refused():
     model = tiny(seed=0)
     spec = difffit.make_spec(model, "difffit", 5)
     difffit.apply(model, spec)
-    delta = difffit.make_delta(model, spec)
+    delta = difffit.make_delta(difffit.trainable_state_dict(model), spec, CONFIG, "scratch")
     with pytest.raises(ValueError, match="another base model"):
-        difffit.load_delta(tiny(seed=1), delta)
+        difffit.apply_delta(tiny(seed=1), delta)
 
 @pytest.mark.parametrize("method", ["difffit", "lora-r8"])
 def test_merge_equals_unmerged(method):
@@ -200,37 +235,38 @@ def test_256_to_512_transfer_replays_through_a_delta(tmp_path):
     """A base trained on a 4x4 grid, fine-tuned at 8x8 with the pos-embed trick; the delta rebuilds it exactly."""
     from models import load_model
     torch.save(tiny(input_size=8).state_dict(), tmp_path / "base.pt")
-    config = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=4, num_heads=4, num_classes=10)
-    model = load_model(str(tmp_path / "base.pt"), config, input_size=16)
-    spec = difffit.make_spec(model, "difffit", 5, base_grid=model.base_grid)
+    model, config, base_grid = load_model(str(tmp_path / "base.pt"), CONFIG, input_size=16)
+    assert base_grid == 4 and config["input_size"] == 16
+    spec = difffit.make_spec(model, "difffit", 5, base_grid=base_grid)
     difffit.apply(model, spec)
     table = model.pos_embed[0].reshape(8, 8, -1)
     torch.testing.assert_close(table[::2, ::2], tiny(input_size=8).pos_embed[0].reshape(4, 4, -1), rtol=0, atol=1e-6)
     randomize_trained(model)
-    again = load_model(str(tmp_path / "base.pt"), config, input_size=16)
-    difffit.load_delta(again, difffit.make_delta(model, spec))
+    again, _ = difffit.load(difffit.make_delta(difffit.trainable_state_dict(model), spec, config, str(tmp_path / "base.pt")))
     x, t, y = inputs(num_classes=5, input_size=16)
     assert torch.equal(again.eval()(x, t, y), model.eval()(x, t, y))
 
 def test_diff_tuning_timesteps_follow_their_distributions():
+    import train
     """A chi-square test over 10 bins of 100 steps: downstream P(t) ∝ (t + 1)^τ, bank P(t) ∝ (T − t)^τ."""
     from scipy.stats import chisquare
     T, n = 1000, 200_000
     torch.manual_seed(0)
     for tau in (1.0, 0.5):
         for towards, weight in (("noise", lambda t: (t + 1) ** tau), ("data", lambda t: (T - t) ** tau)):
-            t = difffit.sample_timesteps(n, T, tau, towards)
+            t = train.sample_timesteps(n, T, tau, towards)
             assert t.min() >= 0 and t.max() < T
             p = weight(torch.arange(T, dtype=torch.float64))
             expected = (p / p.sum()).reshape(10, 100).sum(1) * n
             observed = torch.bincount(t // 100, minlength=10).double()
             assert chisquare(observed.numpy(), expected.numpy()).pvalue > 1e-3, (tau, towards)
     # and the test can tell the two directions apart
-    t = difffit.sample_timesteps(n, T, 1.0, "noise")
+    t = train.sample_timesteps(n, T, 1.0, "noise")
     assert abs(t.double().mean().item() - 666) < 3  # E[t] = 665.67 for P ∝ t + 1
 
 def test_tau_zero_is_plain_training_uniform_draw():
+    import train
     torch.manual_seed(3)
-    a = difffit.sample_timesteps(64, 1000, 0.0, "data")
+    a = train.sample_timesteps(64, 1000, 0.0, "data")
     torch.manual_seed(3)
     assert torch.equal(a, torch.randint(0, 1000, (64,)))

@@ -2,17 +2,15 @@
 Tests for diffusion.py: schedule, respacing, losses and samplers vs golden vectors made with the reference
 DiT code, plus reference-free checks (closed forms, a Gaussian toy problem, RNG order). CPU, a few seconds:
     python -m pytest tests/test_diffusion.py
-The three tiny-DiT golden tests (loss, p_mean_variance, DDIM-10) skip themselves while models.py is absent.
+The three tiny-DiT golden tests (loss, p_mean_variance, DDIM-10) use models.py's DiT.
 """
 import math
 import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from diffusion import create_diffusion, space_timesteps
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
@@ -37,8 +35,8 @@ def golden():
 
 @pytest.fixture(scope="module")
 def tiny_dit():
-    """The golden tiny DiT (random N(0, 0.05²) weights) in eval mode; needs models.py."""
-    models = pytest.importorskip("models", reason="needs models.py (the DiT), not written yet")
+    """The golden tiny DiT (random N(0, 0.05²) weights) in eval mode."""
+    import models
     d = torch.load(os.path.join(GOLDEN, "dit_tiny.pt"), weights_only=True)
     model = models.DiT(**d["config"])
     model.load_state_dict(d["state_dict"])
@@ -228,7 +226,7 @@ def test_learned_range_variance_interpolates_logs_without_clamp(spec):
         assert torch.allclose(out["variance"], out["log_variance"].exp())
 
 # -----------------------------------------------------------------------------
-# golden vectors of the tiny DiT (need models.py)
+# golden vectors of the tiny DiT
 
 def test_training_losses_match_golden(golden, tiny_dit):
     d = create_diffusion("")

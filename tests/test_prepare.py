@@ -7,7 +7,6 @@ latent cache (equivalence with online encoding, fingerprints, resume, ranks, unr
 import json
 import os
 import shutil
-import sys
 
 import numpy as np
 import pytest
@@ -15,7 +14,6 @@ import scipy.io
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import prepare  # noqa: E402
 
 

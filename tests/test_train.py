@@ -13,7 +13,11 @@ import torch
 import difffit
 import sample
 import train
-from models import DiT, load_model
+import models
+from models import DiT, atomic_write, save_model
+
+def load_model(path):
+    return models.load_model(path)[0]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(input_size=32, patch_size=8, in_channels=3, hidden_size=32, depth=2, num_heads=2, num_classes=8)
@@ -27,9 +31,9 @@ def base(tmp_path):
         for n, p in model.named_parameters():
             if n != "pos_embed":
                 p.normal_(0, 0.05)
-    path = tmp_path / "base.pt"
-    torch.save({"config": TINY, "model": model.state_dict()}, path)
-    return str(path)
+    path = str(tmp_path / "base.safetensors")
+    save_model(path, model.state_dict(), TINY)
+    return path
 
 def run(tmp_path, base, *extra):
     args = train.parser.parse_args(["--ckpt", base, "--results-dir", str(tmp_path / "results"), "--global-batch-size", "4",
@@ -41,18 +45,18 @@ def cli(script, *args, cwd=ROOT):
 
 def test_train_writes_delta_merged_model_and_grid(tmp_path, base):
     run_dir = run(tmp_path, base, "--max-steps", "3", "--ckpt-every", "2")
-    for f in ("ckpt.pt", "delta.pt", "model.pt", "samples.png", "log.txt", "metrics.csv"):
+    for f in ("ckpt.pt", "delta.safetensors", "model.safetensors", "samples.png", "log.txt", "metrics.csv"):
         assert os.path.exists(os.path.join(run_dir, f)), f
-    delta = torch.load(os.path.join(run_dir, "delta.pt"), weights_only=True)
-    assert delta["spec"]["method"] == "difffit" and delta["ckpt"] == base
+    delta = difffit.read_delta(os.path.join(run_dir, "delta.safetensors"))
+    assert delta["spec"]["method"] == "difffit" and delta["base"] == base and delta["config"] == TINY
     ckpt = torch.load(os.path.join(run_dir, "ckpt.pt"), weights_only=True)
-    assert ckpt["step"] == 3 and isinstance(ckpt["args"], dict)
+    assert ckpt["step"] == 3 and isinstance(ckpt["args"], dict) and ckpt["delta"]["spec"] == delta["spec"]
+    assert all(torch.equal(ckpt["ema"][k], v) for k, v in delta["params"].items())  # the delta is the EMA
     # the merged model is a plain DiT equal to base + delta (EMA weights)
     x, t, y = torch.randn(2, 3, 32, 32), torch.tensor([5, 900]), torch.tensor([1, 8])
-    merged = load_model(os.path.join(run_dir, "model.pt"), None).eval()
-    with_delta = load_model(base, None).eval()
-    difffit.load_delta(with_delta, delta)
-    torch.testing.assert_close(merged(x, t, y), with_delta(x, t, y), rtol=1e-5, atol=1e-6)
+    merged = load_model(os.path.join(run_dir, "model.safetensors")).eval()
+    with_delta, _ = difffit.load(os.path.join(run_dir, "delta.safetensors"))
+    torch.testing.assert_close(merged(x, t, y), with_delta.eval()(x, t, y), rtol=1e-5, atol=1e-6)
     assert len(open(os.path.join(run_dir, "metrics.csv")).read().splitlines()) == 4  # header + 3 steps
 
 def test_resume_continues_exactly(tmp_path, base):
@@ -60,29 +64,29 @@ def test_resume_continues_exactly(tmp_path, base):
     interrupted = run(tmp_path / "b", base, "--max-steps", "3", "--ckpt-every", "3")
     ckpt = torch.load(os.path.join(interrupted, "ckpt.pt"), weights_only=True)
     del ckpt["args"]["eval_per_class"]  # as if written before that flag existed: it must take its default
-    train.atomic_save(ckpt, os.path.join(interrupted, "ckpt.pt"))
+    atomic_write(os.path.join(interrupted, "ckpt.pt"), lambda f: torch.save(ckpt, f))
     resumed = train.main(train.parser.parse_args(["--resume", interrupted, "--max-steps", "6"]))
     assert resumed == interrupted
     a = torch.load(os.path.join(straight, "ckpt.pt"), weights_only=True)
     b = torch.load(os.path.join(resumed, "ckpt.pt"), weights_only=True)
     assert b["step"] == 6
-    for k in a["params"]:
-        torch.testing.assert_close(b["params"][k], a["params"][k], rtol=1e-6, atol=1e-7)
+    for k in a["delta"]["params"]:
+        torch.testing.assert_close(b["delta"]["params"][k], a["delta"]["params"][k], rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(b["ema"][k], a["ema"][k], rtol=1e-6, atol=1e-7)
     loss = lambda d: [l.split(",")[1] for l in open(os.path.join(d, "metrics.csv")).read().splitlines()[1:]]
     assert loss(resumed) == loss(straight)  # the loss curve continues, it does not restart
 
 def test_crash_during_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
-    train.atomic_save({"step": 1, "w": torch.ones(3)}, path)
+    atomic_write(path, lambda f: torch.save({"step": 1, "w": torch.ones(3)}, f))
     def broken_save(obj, f):
         f.write(b"half a checkpoint")
         raise OSError("disk full")
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError):
-        train.atomic_save({"step": 2, "w": torch.zeros(3)}, path)
+        atomic_write(path, lambda f: torch.save({"step": 2, "w": torch.zeros(3)}, f))
     monkeypatch.undo()
-    assert torch.load(path, weights_only=True)["step"] == 1
+    assert torch.load(path, weights_only=True)["step"] == 1 and os.listdir(tmp_path) == ["ckpt.pt"]
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, base, monkeypatch, capsys):
     real = train.create_diffusion
@@ -104,7 +108,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, base, monke
     assert "loss is nan at step" in capsys.readouterr().err
     (run_dir,) = (tmp_path / "results").iterdir()
     ckpt = torch.load(run_dir / "ckpt.pt", weights_only=True)
-    assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["params"].values())
+    assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["delta"]["params"].values())
 
 def test_batches_cover_every_image_once_per_epoch():
     n, batch, world = 10, 3, 2
@@ -116,23 +120,23 @@ def test_sample_cli_is_deterministic(tmp_path, base):
     run_dir = run(tmp_path, base, "--max-steps", "2")
     outs = []
     for name in ("a.png", "b.png"):
-        r = cli("sample.py", "--delta", os.path.join(run_dir, "delta.pt"), "--steps", "3", "--classes", "0,3",
+        r = cli("sample.py", "--delta", os.path.join(run_dir, "delta.safetensors"), "--steps", "3", "--classes", "0,3",
                 "--out", str(tmp_path / name))
         assert r.returncode == 0, r.stderr
         outs.append((tmp_path / name).read_bytes())
     assert outs[0] == outs[1]
 
 def test_fid_sample_set_is_balanced_and_resumable(tmp_path, base):
-    model = load_model(base, None).eval()
+    model = load_model(base).eval()
     args = sample.parser.parse_args(["--num-fid-samples", "10", "--batch-size", "4", "--steps", "2", "--cfg-scale", "1"])
     out = str(tmp_path / "fid")
-    sample.write_samples(model, sample.create_diffusion("2"), args, None, out, 0, 1)
+    sample.write_fid_samples(model, sample.create_diffusion("2"), args, None, out, 0, 1)
     import numpy as np
     arr = np.load(out + ".npz")["arr_0"]
     assert arr.shape == (10, 32, 32, 3) and arr.dtype == np.uint8
     first = (tmp_path / "fid" / "000005.png").read_bytes()
     os.remove(tmp_path / "fid" / "000005.png")  # an interrupted run: one batch missing
-    sample.write_samples(model, sample.create_diffusion("2"), args, None, out, 0, 1)
+    sample.write_fid_samples(model, sample.create_diffusion("2"), args, None, out, 0, 1)
     assert (tmp_path / "fid" / "000005.png").read_bytes() == first
 
 def test_two_processes_under_torchrun_train_in_sync(tmp_path, base):
@@ -144,7 +148,7 @@ def test_two_processes_under_torchrun_train_in_sync(tmp_path, base):
     assert "2 x cpu" in r.stdout and "replicas in sync" in r.stdout
 
 @pytest.mark.parametrize("argv, needle", [
-    (["--ckpt", "missing.pt"], "missing.pt not found"),
+    (["--ckpt", "missing.pt"], "missing.pt: no such file"),
     (["--data", "nope"], "--data nope: not a dataset"),
     (["--model", "DiT-XXL/2"], "invalid choice: 'DiT-XXL/2'"),
     (["--global-batch-size", "3", "--grad-accum", "2"], "not divisible"),
@@ -160,12 +164,8 @@ def test_bad_training_input_gives_one_clear_line(argv, needle, tmp_path):
 
 def test_a_delta_on_the_wrong_base_gives_one_clear_line(tmp_path, base):
     run_dir = run(tmp_path, base, "--max-steps", "1")
-    delta = torch.load(os.path.join(run_dir, "delta.pt"), weights_only=True)
-    other = DiT(**TINY)
-    torch.save({"config": TINY, "model": other.state_dict()}, tmp_path / "other.pt")
-    delta["ckpt"] = str(tmp_path / "other.pt")
-    torch.save(delta, tmp_path / "wrong.pt")
-    r = cli("sample.py", "--delta", str(tmp_path / "wrong.pt"), "--steps", "2")
+    save_model(str(tmp_path / "other.safetensors"), DiT(**TINY).state_dict(), TINY)
+    r = cli("sample.py", "--delta", os.path.join(run_dir, "delta.safetensors"), "--base", str(tmp_path / "other.safetensors"), "--steps", "2")
     assert r.returncode == 2 and "another base model" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 
@@ -189,7 +189,7 @@ def test_latent_training_from_the_cache_or_online(tmp_path, monkeypatch, cache):
         "--results-dir", str(tmp_path / "results"), "--global-batch-size", "4", "--max-steps", "2", "--sample-steps", "2",
         "--num-workers", "0", "--precision", "fp32"] + ([] if cache else ["--no-cache"])))
     assert os.path.exists(os.path.join(run_dir, "samples.png"))  # decoded through the VAE
-    assert torch.load(os.path.join(run_dir, "delta.pt"), weights_only=True)["spec"]["num_classes"] == 2
+    assert difffit.read_delta(os.path.join(run_dir, "delta.safetensors"))["spec"]["num_classes"] == 2
     assert os.path.exists(tmp_path / "data" / "imgs" / "cache-train-32-ema.npy") == cache
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, "assets", "toy_base.pt")), reason="assets/toy_base.pt is not built")
@@ -205,7 +205,7 @@ def test_difffit_clearly_improves_the_toy_measure(tmp_path):
 
 def test_sampling_leaves_the_callers_rng_alone(base):
     """Grids drawn during training must not reseed the training noise (they run inside fork_rng)."""
-    model = load_model(base, None).eval()
+    model = load_model(base).eval()
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
@@ -216,26 +216,28 @@ def test_sampling_leaves_the_callers_rng_alone(base):
 def test_ema_is_the_exponential_average_of_the_trained_tensors(tmp_path, base):
     run_dir = run(tmp_path, base, "--max-steps", "1", "--ema-decay", "0.75")
     ckpt = torch.load(os.path.join(run_dir, "ckpt.pt"), weights_only=True)
-    start = load_model(base, None)
-    difffit.apply(start, ckpt["spec"])  # the trained tensors as they were at step 0
+    start = load_model(base)
+    difffit.apply(start, ckpt["delta"]["spec"])  # the trained tensors as they were at step 0
+    params = ckpt["delta"]["params"]
     for k, v in difffit.trainable_state_dict(start).items():
-        torch.testing.assert_close(ckpt["ema"][k], 0.75 * v + 0.25 * ckpt["params"][k])
-    assert any(not torch.equal(ckpt["params"][k], v) for k, v in difffit.trainable_state_dict(start).items())
+        torch.testing.assert_close(ckpt["ema"][k], 0.75 * v + 0.25 * params[k])
+    assert any(not torch.equal(params[k], v) for k, v in difffit.trainable_state_dict(start).items())
 
 @pytest.mark.parametrize("method", ["bitfit", "lora-r8", "adapt-parallel", "adapt-sequential", "vpt-deep"])
 def test_every_method_trains_and_samples_from_its_delta(tmp_path, base, method):
     run_dir = run(tmp_path, base, "--max-steps", "2", "--method", method)
-    delta = torch.load(os.path.join(run_dir, "delta.pt"), weights_only=True)
+    delta = difffit.read_delta(os.path.join(run_dir, "delta.safetensors"))
     assert delta["spec"]["method"] == method
-    assert os.path.exists(os.path.join(run_dir, "model.pt")) == (method in difffit.MERGEABLE)
-    r = cli("sample.py", "--delta", os.path.join(run_dir, "delta.pt"), "--steps", "2", "--classes", "0,1", "--out", str(tmp_path / "s.png"))
+    assert os.path.exists(os.path.join(run_dir, "model.safetensors")) == (method in difffit.MERGEABLE)
+    r = cli("sample.py", "--delta", os.path.join(run_dir, "delta.safetensors"), "--steps", "2", "--classes", "0,1", "--out", str(tmp_path / "s.png"))
     assert r.returncode == 0 and os.path.exists(tmp_path / "s.png"), r.stderr
 
 @pytest.fixture
 def bank(tmp_path, base):
     """A knowledge bank of 10 samples of the tiny base, written by sample.py (2 batches of 6 and 4)."""
     path = str(tmp_path / "bank.npy")
-    r = cli("sample.py", "--ckpt", base, "--num-bank-samples", "10", "--batch-size", "6", "--steps", "2", "--cfg-scale", "1.5", "--out", path)
+    r = cli("sample.py", "--ckpt", base, "--num-bank-samples", "10", "--batch-size", "6", "--steps", "2", "--cfg-scale", "1.5", "--out", path,
+            "--precision", "fp32")
     assert r.returncode == 0, r.stderr
     return path
 
@@ -243,7 +245,7 @@ def test_bank_holds_the_bases_undecoded_samples(base, bank):
     import numpy as np
     arr = np.load(bank)
     assert arr.shape == (10, 3, 32, 32) and arr.dtype == np.float32 and np.abs(arr).max() <= 1  # pixels, clipped
-    first = sample.generate(load_model(base, None).eval(), sample.create_diffusion("2"), list(range(6)), 1.5, seed=0, raw=True)
+    first = sample.generate(load_model(base).eval(), sample.create_diffusion("2"), list(range(6)), 1.5, seed=0)
     assert torch.equal(torch.from_numpy(arr[:6]), first)  # batch b is seeded by b, labels i mod K
 
 def test_diff_tuning_without_bank_share_or_tau_is_plain_training(tmp_path, base, bank):
@@ -251,8 +253,8 @@ def test_diff_tuning_without_bank_share_or_tau_is_plain_training(tmp_path, base,
     dt = run(tmp_path / "b", base, "--max-steps", "3", "--diff-tuning", bank, "--bank-fraction", "0", "--tau", "0")
     a = torch.load(os.path.join(plain, "ckpt.pt"), weights_only=True)
     b = torch.load(os.path.join(dt, "ckpt.pt"), weights_only=True)
-    for k in a["params"]:  # bit for bit, step for step
-        assert torch.equal(a["params"][k], b["params"][k]) and torch.equal(a["ema"][k], b["ema"][k]), k
+    for k in a["ema"]:  # bit for bit, step for step
+        assert torch.equal(a["delta"]["params"][k], b["delta"]["params"][k]) and torch.equal(a["ema"][k], b["ema"][k]), k
     loss = lambda d: [l.split(",")[1] for l in open(os.path.join(d, "metrics.csv")).read().splitlines()[1:]]
     assert loss(plain) == loss(dt)
 
