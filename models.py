@@ -602,7 +602,9 @@ PRETRAINED = {  # file name -> (url, SHA-256 or None where not yet recorded)
     "DiT-XL-2-256x256.pt": ("https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt", None),
     "DiT-XL-2-512x512.pt": ("https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-512x512.pt", None),
     "sd-vae-ft-ema.safetensors": ("https://huggingface.co/stabilityai/sd-vae-ft-ema/resolve/main/diffusion_pytorch_model.safetensors", None),
-    "sd-vae-ft-mse.safetensors": ("https://huggingface.co/stabilityai/sd-vae-ft-mse/resolve/main/diffusion_pytorch_model.safetensors", None),
+    # pinned: 334,643,276 bytes, SHA-256 as published for the hub file (its Git LFS object id)
+    "sd-vae-ft-mse.safetensors": ("https://huggingface.co/stabilityai/sd-vae-ft-mse/resolve/main/diffusion_pytorch_model.safetensors",
+                                  "a1d993488569e928462932c8c38a0760b874d166399b14414135bd9c42df5815"),
 }
 PRETRAINED_DIR = os.environ.get("DIFFFIT_PRETRAINED", "pretrained")
 
