@@ -613,7 +613,12 @@ PRETRAINED = {  # file name -> (url, SHA-256 or None where not yet recorded)
     "DiT-XL-2-256x256.pt": ("https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt", None),
     "DiT-XL-2-512x512.pt": ("https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-512x512.pt", None),
     "sd-vae-ft-ema.safetensors": ("https://huggingface.co/stabilityai/sd-vae-ft-ema/resolve/main/diffusion_pytorch_model.safetensors", None),
-    "sd-vae-ft-mse.safetensors": ("https://huggingface.co/stabilityai/sd-vae-ft-mse/resolve/main/diffusion_pytorch_model.safetensors", None),
+    # pinned: 334,643,276 bytes, SHA-256 as published for the hub file (its Git LFS object id)
+    "sd-vae-ft-mse.safetensors": ("https://huggingface.co/stabilityai/sd-vae-ft-mse/resolve/main/diffusion_pytorch_model.safetensors",
+                                  "a1d993488569e928462932c8c38a0760b874d166399b14414135bd9c42df5815"),
+    # diffusers' DiT folders (read_diffusers_dit): converted DiT-XL-2-256x256.pt / -512x512.pt
+    **{f"facebook/DiT-XL-2-{S}/transformer/{f}": (f"https://huggingface.co/facebook/DiT-XL-2-{S}/resolve/main/transformer/{f}", None)
+       for S in (256, 512) for f in ("config.json", "diffusion_pytorch_model.safetensors")},
 }
 PRETRAINED_DIR = os.environ.get("DIFFFIT_PRETRAINED", "pretrained")
 
@@ -654,3 +659,143 @@ def download(url, path, sha256=None):
         raise FileNotFoundError(f"could not download {os.path.basename(path)} from {url} ({e.__class__.__name__}: {e}); "
                                 f"put the file at {path}") from None
     return h.hexdigest()
+
+# -----------------------------------------------------------------------------
+# diffusers' DiTTransformer2DModel folders: in (the transformer/ of facebook/DiT-XL-2-256 and -512, or what
+# save_pretrained wrote) and out (for DiTPipeline). Layout facts from diffusers 0.42 (dit_transformer_2d.py,
+# attention.py BasicTransformerBlock, normalization.py AdaLayerNormZero, embeddings.py):
+# - every tensor keeps its layout; the block's 6-way modulation (norm1.linear) chunks in our order (shift, scale, gate
+#   of attention, then of the MLP) and proj_out_1 in final_layer's (shift, scale). Only qkv is split into to_q/k/v.
+# - each block stores its own copy of the timestep and class embedders (the final layer uses block 0's), and the
+#   class table always has a null row (dropout 0.1 is hard-coded). pos_embed is not stored: diffusers recomputes it.
+# - two numerical differences: diffusers' timestep features use downscale_freq_shift=1, frequencies 10000^(-k/127)
+#   instead of DiT's 10000^(-k/128) (no weight can undo that), and its MLP LayerNorm eps is config.norm_eps (default
+#   1e-5; DiT: 1e-6). Import reads the weights as DiT's (the hub files are converted DiT checkpoints); export writes
+#   norm_eps 1e-6, but stock diffusers still computes the other timestep features (tests/test_diffusers.py measures it).
+_DIFFUSERS = {"x_embedder.proj": "pos_embed.proj", "final_layer.adaLN_modulation.1": "proj_out_1", "final_layer.linear": "proj_out_2",
+              # inside a block: blocks.{i}.<ours> -> transformer_blocks.{i}.<theirs>
+              "adaLN_modulation.1": "norm1.linear", "attn.qkv": ("attn1.to_q", "attn1.to_k", "attn1.to_v"),
+              "attn.proj": "attn1.to_out.0", "mlp.fc1": "ff.net.0.proj", "mlp.fc2": "ff.net.2"}
+_EMBEDDERS = {"t_embedder.mlp.0": "norm1.emb.timestep_embedder.linear_1", "t_embedder.mlp.2": "norm1.emb.timestep_embedder.linear_2",
+              "y_embedder.embedding_table": "norm1.emb.class_embedder.embedding_table"}  # one copy in every block there
+# DiTTransformer2DModel's defaults (the XL/2-256 config), so a config.json that leaves a key out means what it means there
+_DIT_CONFIG = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=None, num_layers=28, sample_size=32,
+                   patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero", activation_fn="gelu-approximate",
+                   attention_bias=True, norm_elementwise_affine=False, norm_eps=1e-5)
+
+def _diffusers_names(key, depth):
+    """Our key -> the diffusers keys holding it: one (renamed), three (to_q, to_k, to_v) or depth (embedder copies)."""
+    name, leaf = key.rsplit(".", 1)
+    if name in _EMBEDDERS:
+        return [f"transformer_blocks.{i}.{_EMBEDDERS[name]}.{leaf}" for i in range(depth)]
+    if not name.startswith("blocks."):
+        return [f"{_DIFFUSERS[name]}.{leaf}"]
+    _, i, name = name.split(".", 2)
+    theirs = _DIFFUSERS[name]
+    return [f"transformer_blocks.{i}.{n}.{leaf}" for n in (theirs if isinstance(theirs, tuple) else (theirs,))]
+
+def _to_diffusers(sd, depth):
+    """Our state dict -> diffusers' key layout (without pos_embed)."""
+    out = {}
+    for k, v in sd.items():
+        if k != "pos_embed":
+            names = _diffusers_names(k, depth)
+            out.update(zip(names, v.chunk(3) if ".qkv." in k else [v] * len(names)))  # [q; k; v] rows -> three Linears
+    return out
+
+def _from_diffusers(dsd, model):
+    """diffusers' tensors -> the state dict of `model` (block 0's embedder copies; the standard pos_embed table)."""
+    sd = {"pos_embed": get_2d_sincos_pos_embed(model.hidden_size, model.input_size // model.patch_size).unsqueeze(0)}
+    for k in model.state_dict():
+        if k != "pos_embed":
+            names = _diffusers_names(k, model.depth)
+            sd[k] = torch.cat([dsd[n] for n in names]) if ".qkv." in k else dsd[names[0]]
+    return sd
+
+def _misfit(got, ref):
+    """Why the tensors `got` do not fit the layout `ref` (name -> tensor), as one phrase; "" if they fit."""
+    missing, unexpected = sorted(ref.keys() - got.keys()), sorted(got.keys() - ref.keys())
+    shape = [f"{k} {tuple(got[k].shape)} vs {tuple(ref[k].shape)}" for k in ref if k in got and got[k].shape != ref[k].shape]
+    few = lambda ks: ", ".join(ks[:3]) + (f" (+{len(ks) - 3} more)" if len(ks) > 3 else "")
+    return "; ".join(f"{what} {few(ks)}" for what, ks in [("missing", missing), ("unexpected", unexpected), ("shape", shape)] if ks)
+
+def read_diffusers_dit(folder):
+    """A diffusers DiT folder (config.json + diffusion_pytorch_model.safetensors or .bin), or a hub name in PRETRAINED such as
+    "facebook/DiT-XL-2-256" (downloaded once) -> (state dict in our layout, kwargs for DiT(**kwargs)).
+    A folder that is not a DiT, or weights that do not fit its config, raise ValueError naming the folder."""
+    if not os.path.isdir(folder) and f"{folder}/transformer/config.json" in PRETRAINED:
+        for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+            path = pretrained_file(f"{folder}/transformer/{name}")
+        folder = os.path.dirname(path)
+    with open(os.path.join(folder, "config.json")) as f:
+        c = {**_DIT_CONFIG, **json.load(f)}
+    # the hub's DiT folders still say Transformer2DModel, which diffusers maps to DiTTransformer2DModel by norm_type
+    if (name := c.get("_class_name")) not in ("DiTTransformer2DModel", "Transformer2DModel") or c["norm_type"] != "ada_norm_zero":
+        norm = f" with norm_type {c['norm_type']}" if name in ("DiTTransformer2DModel", "Transformer2DModel") else ""
+        raise ValueError(f"{folder}: not a diffusers DiT: its config.json describes a {name}{norm} "
+                         "(a DiT is a DiTTransformer2DModel, or a Transformer2DModel with norm_type ada_norm_zero)")
+    cin, cout, heads = c["in_channels"], c["out_channels"] or c["in_channels"], c["num_attention_heads"]
+    if cout not in (cin, 2 * cin) or c["activation_fn"] != "gelu-approximate" or not c["attention_bias"]:
+        raise ValueError(f"{folder}: not a DiT that models.DiT can hold: {cin} -> {cout} channels, activation {c['activation_fn']}, "
+                         f"attention_bias {c['attention_bias']}")
+    kwargs = dict(input_size=c["sample_size"], patch_size=c["patch_size"], in_channels=cin, hidden_size=heads * c["attention_head_dim"],
+                  depth=c["num_layers"], num_heads=heads, num_classes=c["num_embeds_ada_norm"], learn_sigma=cout == 2 * cin)
+    st, pt = (os.path.join(folder, "diffusion_pytorch_model" + ext) for ext in (".safetensors", ".bin"))
+    if os.path.exists(st):
+        dsd, _ = read_safetensors(st)  # a truncated or inconsistent file raises here, naming it
+    elif os.path.exists(pt):
+        try:  # weights_only: plain tensors and containers, never pickled code
+            dsd = torch.load(pt, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"{pt}: refused, not a plain tensor state dict ({str(e).splitlines()[0][:80]})") from None
+    else:
+        raise FileNotFoundError(f"{folder}: neither diffusion_pytorch_model.safetensors nor .bin is there")
+    try:
+        with torch.device("meta"):  # shapes only
+            model = DiT(**kwargs)
+    except ValueError as e:
+        raise ValueError(f"{folder}: config.json gives no valid DiT: {e}") from None
+    misfit = _misfit(dsd, _to_diffusers(model.state_dict(), model.depth)) if isinstance(dsd, dict) else f"a {type(dsd).__name__}"
+    if misfit:
+        raise ValueError(f"{folder}: the weights do not fit its config.json (DiT {kwargs}): {misfit}")
+    for k in model.state_dict():  # the per-block embedder copies are one DiT embedder only if they are all equal
+        names = _diffusers_names(k, model.depth) if k.rsplit(".", 1)[0] in _EMBEDDERS else []
+        if bad := [n for n in names[1:] if not torch.equal(dsd[n], dsd[names[0]])]:
+            raise ValueError(f"{folder}: the per-block copies of {names[0].split('.', 2)[2]} differ ({bad[0]} is not block 0's), "
+                             "so they are not one DiT embedder")
+    sd = _from_diffusers(dsd, model)
+    K = c.get("_difffit_num_classes", kwargs["num_classes"])  # written by write_diffusers_dit: undo its padding
+    table, N = sd["y_embedder.embedding_table.weight"], kwargs["num_classes"]
+    if K != N:
+        sd["y_embedder.embedding_table.weight"], kwargs["num_classes"] = torch.cat([table[:K], table[N:]]), K
+    return sd, dict(kwargs, class_dropout_prob=0.1)
+
+def write_diffusers_dit(state_dict, config, folder):
+    """A plain DiT state dict (DiffFit's γ merged in: difffit.merge) and its config ({"model": preset, **kwargs} or DiT kwargs)
+    -> folder/config.json + diffusion_pytorch_model.safetensors for DiTTransformer2DModel.from_pretrained and DiTPipeline.
+    DiTPipeline guides all 4 latent channels (DiT: 3), drops the learned variance (its schedulers use a fixed one) and
+    hard-codes the null class 1000 (diffusers issue #13616), so a
+    K < 1000-class table is written with 1001 rows: the K classes, then copies of the null row at K..1000. Labels 0..K-1
+    then sample the classes, 1000 is the null class CFG needs, and an unused id K..999 samples the unconditional model
+    (copies, not zeros: zero rows would be a conditioning the model never saw). K > 1000 is written as is (null row K):
+    the transformer is right, but DiTPipeline's CFG would guide against class 1000; use guidance_scale=1 there."""
+    kwargs = {k: v for k, v in config.items() if k != "model"}
+    with torch.device("meta"):  # shapes only
+        model = DiT_models[config["model"]](**kwargs) if "model" in config else DiT(**kwargs)
+    if misfit := _misfit(state_dict, model.state_dict()):
+        hint = " (merge DiffFit's γ first: difffit.merge)" if any("gamma" in k for k in state_dict) else ""
+        raise ValueError(f"cannot export to {folder}: the state dict does not fit {config}: {misfit}{hint}")
+    D, K, G = model.hidden_size, model.num_classes, model.input_size // model.patch_size
+    if model.blocks[0].mlp.fc1.out_features != 4 * D or model.y_embedder.embedding_table.num_embeddings != K + 1:
+        raise ValueError(f"cannot export to {folder}: diffusers' DiT has mlp_ratio 4 and a null class row (class_dropout_prob > 0)")
+    if (state_dict["pos_embed"].detach().float().cpu() - get_2d_sincos_pos_embed(D, G)).abs().max() > 1e-2:
+        raise ValueError(f"cannot export to {folder}: pos_embed is not the standard {G}x{G} sin-cos table (DiffFit's 512 px "
+                         "trick?), and diffusers always recomputes the standard one")
+    N, table = max(K, 1000), state_dict["y_embedder.embedding_table.weight"]
+    sd = dict(state_dict, **{"y_embedder.embedding_table.weight": torch.cat([table[:K], table[K:].expand(N + 1 - K, D)])})
+    cfg = dict(_DIT_CONFIG, _class_name="DiTTransformer2DModel", num_attention_heads=model.num_heads, attention_head_dim=D // model.num_heads,
+               in_channels=model.in_channels, out_channels=model.out_channels, num_layers=model.depth, sample_size=model.input_size,
+               patch_size=model.patch_size, num_embeds_ada_norm=N, norm_eps=1e-6, _difffit_num_classes=K)  # diffusers skips "_" keys
+    os.makedirs(folder, exist_ok=True)
+    write_safetensors(os.path.join(folder, "diffusion_pytorch_model.safetensors"), _to_diffusers(sd, model.depth), {"format": "pt"})
+    atomic_write(os.path.join(folder, "config.json"), lambda f: f.write(json.dumps(cfg, indent=2).encode()))
