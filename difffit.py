@@ -9,19 +9,21 @@ produces: the trained tensors and what rebuilds the model from its base); folds 
 weights; and interpolates the position table for 256 -> 512 transfer.
 
     python difffit.py --model DiT-XL/2 --num-classes 101   # Table 1's parameter column (meta device, no memory)
+    python difffit.py --export results/000-food101-difffit/delta.safetensors --out food101-dit   # a diffusers DiT folder
 """
 import argparse
 import hashlib
 import json
 import math
 import os
+import sys
 from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models import PRETRAINED, DiT_models, get_2d_sincos_pos_embed, load_file, load_model, write_safetensors
+from models import DiT_models, get_2d_sincos_pos_embed, load_file, load_model, published, write_diffusers_dit, write_safetensors
 
 # -----------------------------------------------------------------------------
 # modules the comparison methods add (Table 1). Each takes over the frozen tensors of the module it replaces
@@ -200,7 +202,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))  # shipped bases (assets/) are
 def base_ref(path):
     """How a delta names its base: 'scratch' and published names as they are, a file in this repo relative to the
     repo (so the delta loads from any working directory), any other file by its absolute path."""
-    if path == "scratch" or (path in PRETRAINED and not os.path.exists(path)):
+    if path == "scratch" or (published(path) and not os.path.exists(path)):
         return path
     full = os.path.abspath(path)
     return os.path.relpath(full, ROOT) if full.startswith(ROOT + os.sep) else full
@@ -244,9 +246,10 @@ def load(delta, base=None):
     trained on, redo the surgery, load the trained tensors. `delta` is a path or a delta dict."""
     delta = read_delta(delta) if isinstance(delta, str) else delta
     path = base or delta["base"]
-    if base is None and path != "scratch" and path not in PRETRAINED and not os.path.isabs(path):
+    named = path == "scratch" or (published(path) and not os.path.exists(path))  # downloaded on demand, or a random init
+    if base is None and not named and not os.path.isabs(path):
         path = os.path.join(ROOT, path)
-    if path != "scratch" and path not in PRETRAINED and not os.path.exists(path):
+    if not named and not os.path.exists(path):
         raise FileNotFoundError(f"the delta's base {path} is missing: pass --base with the checkpoint it was trained from")
     model, _, _ = load_model(path, delta["config"], input_size=delta["config"]["input_size"])
     apply_delta(model, delta)
@@ -305,11 +308,22 @@ TABLE1 = {"full": "673.8M", "bitfit": "0.61M", "difffit": "0.83M", "lora-r8": "1
           "adapt-parallel": "4.28M", "adapt-sequential": "4.28M", "vpt-deep": "2.81M"}  # DiT-XL/2, Table 1
 
 def main():
-    parser = argparse.ArgumentParser(description="Trainable parameters of each fine-tuning method (built on the meta device).")
+    parser = argparse.ArgumentParser(description="Trainable parameters of each fine-tuning method (built on the meta device), "
+                                                 "or --export a delta as a diffusers DiTTransformer2DModel folder.")
     parser.add_argument("--model", default="DiT-XL/2", choices=list(DiT_models), help="DiT configuration")
     parser.add_argument("--image-size", type=int, default=256, help="image resolution (latents are /8)")
     parser.add_argument("--num-classes", type=int, default=101, help="classes of the new dataset (Food-101: 101)")
+    parser.add_argument("--export", default=None, metavar="DELTA", help="merge this delta into its base and write it as a diffusers folder")
+    parser.add_argument("--base", default=None, help="with --export: the delta's base, if it is no longer where the delta says")
+    parser.add_argument("--out", default=None, help="with --export: the folder to write (config.json + diffusion_pytorch_model.safetensors)")
     args = parser.parse_args()
+    if args.export:  # DiTPipeline.from_pretrained needs a VAE and scheduler beside it: see the README
+        if not args.out:
+            raise ValueError("--export needs --out DIR, the folder to write")
+        model, delta = load(args.export, base=args.base)
+        write_diffusers_dit(merge(model), {**delta["config"], "num_classes": delta["spec"]["num_classes"]}, args.out)
+        print(f"wrote {args.out}/config.json and diffusion_pytorch_model.safetensors ({delta['spec']['num_classes']} classes)")
+        return
     rows = []
     for method in METHODS:
         with torch.device("meta"):
@@ -323,4 +337,8 @@ def main():
         print(f"{method:<17} {n:>13,} {100 * n / total:>7.2f}%  {TABLE1[method] if args.model == 'DiT-XL/2' else ''}")
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, exit code 2 (as every script here)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -259,14 +259,17 @@ def save_model(path, state_dict, config):
 
 def load_model(path, config=None, input_size=None):
     """(model, config, base_grid): a DiT with its weights loaded strictly. `path` is "scratch" (random init), a file of
-    save_model (which carries its config), a published DiT file (downloaded if it is a name in PRETRAINED), a state
-    dict, or an older {"config", "model"} / DiT train.py {"ema"} file; files without a config take `config`.
+    save_model (which carries its config), a published DiT file (downloaded if it is a name in PRETRAINED), a diffusers
+    DiT folder or hub name (read_diffusers_dit), a state dict, or an older {"config", "model"} / DiT train.py {"ema"}
+    file; files without a config take `config`.
     With input_size, a base trained at another resolution loads too: all but its position table must fit, and
     base_grid says which patch grid it was trained on (for difffit's pos-embed trick)."""
     sd = None
     if path in PRETRAINED and not os.path.exists(path):
         path = pretrained_file(path)
-    if path != "scratch":
+    if os.path.isdir(path) or (published(path) and not os.path.exists(path)):  # a diffusers DiT folder, or a hub name
+        sd, config = read_diffusers_dit(path)
+    elif path != "scratch":
         sd = load_file(path)
         if isinstance(sd, tuple):  # safetensors: (tensors, metadata)
             sd, meta = sd
@@ -622,6 +625,10 @@ PRETRAINED = {  # file name -> (url, SHA-256 or None where not yet recorded)
 }
 PRETRAINED_DIR = os.environ.get("DIFFFIT_PRETRAINED", "pretrained")
 
+def published(name):
+    """Is `name` a published file (DiT-XL-2-256x256.pt) or hub DiT (facebook/DiT-XL-2-256) that pretrained_file downloads?"""
+    return name in PRETRAINED or f"{name}/transformer/config.json" in PRETRAINED
+
 def pretrained_file(name):
     """Path of a published file, downloaded into PRETRAINED_DIR the first time. A hash not yet in PRETRAINED is
     recorded next to the file (<name>.sha256) on first download, and every later download must match it."""
@@ -744,10 +751,7 @@ def read_diffusers_dit(folder):
     if os.path.exists(st):
         dsd, _ = read_safetensors(st)  # a truncated or inconsistent file raises here, naming it
     elif os.path.exists(pt):
-        try:  # weights_only: plain tensors and containers, never pickled code
-            dsd = torch.load(pt, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise ValueError(f"{pt}: refused, not a plain tensor state dict ({str(e).splitlines()[0][:80]})") from None
+        dsd = load_file(pt, "diffusers DiT weights")
     else:
         raise FileNotFoundError(f"{folder}: neither diffusion_pytorch_model.safetensors nor .bin is there")
     try:
