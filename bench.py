@@ -5,16 +5,20 @@ train.py and ADM's sampler work) on the same model and data, in one run. DiffFit
     python bench.py                                                   # DiT-S/2, 256 px, batch 16: training
     python bench.py --model DiT-B/2 --iters 1                         # the same for DiT-B/2
     python bench.py --what memory --model DiT-XL/2 --batch-size 4     # peak memory, a fresh process per row
-    python bench.py --what sample --batch-size 2                      # 250-step DDPM with CFG: sample.py vs reference
+    python bench.py --what sample --batch-size 2 --samplers ddpm250,dpm++20   # sampling with CFG vs reference DDPM-250
     python bench.py --vae --methods difffit --batch-size 4            # also encode with the VAE every step
     python bench.py --profile difffit                                 # where one DiffFit step spends its time
 
-Weights and latents are random: speed does not depend on their values, and reading a latent cache is a copy. The VAE
+The reference style is DiT's train.py with today's timm (fused SDPA attention), fp32: AdamW over every parameter, an
+EMA of the whole model, unfused adaLN arithmetic, the diffusion tables copied at every lookup. Ours is train.py: bf16
+autocast where the hardware has it with the frozen weights stored in bf16, AdamW and one fused EMA over the trained
+tensors only. Weights and latents are random: speed does not depend on their values, and reading a latent cache is a copy. The VAE
 rows encode random images with a random-weight SD VAE of the published config (83.7M parameters). Rows take turns
 (round-robin, --rounds times) and the median is reported, so all rows share whatever else the machine is doing.
 """
 import argparse
 import contextlib
+import re
 import resource
 import statistics
 import subprocess
@@ -28,7 +32,7 @@ import difffit
 import models
 from diffusion import GaussianDiffusion, create_diffusion
 from models import DiT_models
-from sample import generate
+from sample import generate, make_diffusion
 
 parser = argparse.ArgumentParser(description="img/s, TFLOP/s and peak memory of training and sampling, vs a reference-style loop.")
 # what to measure
@@ -38,14 +42,16 @@ parser.add_argument("--image-size", type=int, default=256, help="image resolutio
 parser.add_argument("--batch-size", type=int, default=16, help="images per step (sampling: images per call, CFG doubles it)")
 parser.add_argument("--num-classes", type=int, default=101, help="classes of the new dataset (Food-101: 101)")
 parser.add_argument("--methods", default="full,bitfit,difffit", help="comma-separated fine-tuning methods to run")
-parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "both"], help="auto: fp32, plus bf16 where the hardware has it")
+parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "both"],
+                    help="our rows: bf16 autocast where the hardware has it (auto), fp32, bf16, or both side by side")
 parser.add_argument("--vae", action="store_true", help="add rows that encode images with the VAE every step (slow on CPUs)")
 parser.add_argument("--compile", action="store_true", help="add torch.compile rows")
 # timing
 parser.add_argument("--iters", type=int, default=2, help="timed training steps per row and round")
 parser.add_argument("--warmup", type=int, default=1, help="untimed training steps (or 2-step sampling calls) per row first")
 parser.add_argument("--rounds", type=int, default=3, help="round-robin passes over the rows; the median is reported")
-parser.add_argument("--steps", default="250", help="sampling steps, as in sample.py (DiT: 250 DDPM steps)")
+parser.add_argument("--samplers", default="ddpm250", help="--what sample: our rows, comma-separated sampler+steps as sample.py's, e.g. ddpm250,dpm++20")
+parser.add_argument("--ref-steps", default="250", help="--what sample: DDPM steps of the reference-style loop (DiT's sample.py: 250)")
 parser.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale")
 parser.add_argument("--profile", default=None, metavar="ROW", help="instead of the table: where one step of this row (e.g. 'difffit') spends its time")
 parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # --what memory: the one row this process runs
@@ -53,17 +59,17 @@ parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # --what m
 # -----------------------------------------------------------------------------
 # the reference style: what this repo does differently, undone
 
-class RefAttention(models.Attention):
-    """timm's eager attention (fused_attn False), as DiT runs it: q·scale @ kᵀ, softmax, @ v, all materialised."""
+class RefBlock(models.DiTBlock):
+    """DiT's block as its models.py writes it: modulate, gate and γ as separate elementwise ops (attention is timm's
+    fused SDPA, the same as ours)."""
 
-    def forward(self, x):
-        B, T, C = x.shape
-        qkv = self.qkv(x)
-        if self.gamma_qkv is not None:
-            qkv = qkv * self.gamma_qkv
-        q, k, v = qkv.view(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
-        attn = (q * (C // self.num_heads) ** -0.5) @ k.transpose(-2, -1)  # (B, nh, T, T)
-        return self.proj((attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(B, T, C))
+    def forward(self, x, c):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        modulate = lambda h, shift, scale: h * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+        a = self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_msa.unsqueeze(1) * (a if self.gamma_attn is None else self.gamma_attn * a)
+        m = self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x + gate_mlp.unsqueeze(1) * (m if self.gamma_mlp is None else self.gamma_mlp * m)
 
 class RefDiffusion(GaussianDiffusion):
     """ADM's table lookups: the float64 table is copied to the device at every lookup, then indexed and cast."""
@@ -75,12 +81,12 @@ class RefDiffusion(GaussianDiffusion):
         return self._on(name, t.device)[t].float().view(-1, *[1] * (x.dim() - 1))
 
 def build(method, ref, device, args):
-    """A random-weight DiT after the surgery of `method`; ref: with the reference's attention."""
+    """A random-weight DiT after the surgery of `method`; ref: with the reference's blocks."""
     torch.manual_seed(0)
     with device:  # built in place: on the meta device it costs nothing (FLOP counting)
         model = DiT_models[args.model](input_size=args.image_size // 8, num_classes=1000)
     for block in model.blocks if ref else []:
-        block.attn.__class__ = RefAttention  # same parameters, eager forward
+        block.__class__ = RefBlock  # same parameters, unfused forward
     difffit.apply(model, difffit.make_spec(model, method, args.num_classes))
     return model.train()
 
@@ -98,8 +104,10 @@ def method_of(row):
 
 def trainer(row, device, args):
     """One training step of `row` as a closure on fixed random data; step(False) skips optimizer and EMA."""
-    ref, compiled = row.startswith("ref"), "compile" in row
+    ref, compiled, bf16 = row.startswith("ref"), "compile" in row, "bf16" in row
     model = build(method_of(row), ref, device, args)
+    if bf16:  # as train.py
+        difffit.store_frozen(model, torch.bfloat16)
     trained = [p for p in model.parameters() if p.requires_grad]
     if ref:  # DiT's train.py: AdamW over all parameters, an EMA of the whole model updated tensor by tensor
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
@@ -112,7 +120,7 @@ def trainer(row, device, args):
     diffusion = diffusion_for("", ref)
     net = torch.compile(model) if compiled else model
     # torch.autocast refuses the meta device even when disabled; FLOP counting there (train_flops) counts the same in any precision
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if "bf16" in row and device.type != "meta" else contextlib.nullcontext()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 and device.type != "meta" else contextlib.nullcontext()
     B, s = args.batch_size, args.image_size // 8
     x0, y = torch.randn(B, 4, s, s, device=device), torch.randint(0, args.num_classes, (B,), device=device)
     if "+vae" in row:
@@ -140,38 +148,41 @@ def trainer(row, device, args):
     return step
 
 def sampler(row, device, args):
-    """One call of sample.py's generate (or of the reference-style loop) as a closure; `respacing` picks the chain."""
-    ref = row.startswith("ref")
+    """One call of sample.py's generate (or of the reference-style loop) as a closure; run(2) samples 2 steps."""
+    ref, bf16 = row.startswith("ref"), "bf16" in row
+    name, steps = ("ddpm", args.ref_steps) if ref else re.fullmatch(r"sample (ddpm|ddim|dpm\+\+)(\S+).*", row).groups()
     model = build("difffit", ref, device, args).eval()
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled="bf16" in row)
     labels = [i % args.num_classes for i in range(args.batch_size)]
 
     @torch.no_grad()
-    def run(respacing=args.steps):
-        diffusion = diffusion_for(respacing, ref)
+    def run(warmup_steps=None):
+        respacing = str(warmup_steps) if warmup_steps else steps
         if not ref:
-            with autocast:
-                return generate(model, diffusion, labels, args.cfg_scale)
+            diffusion = make_diffusion(name, respacing)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                return generate(model, diffusion, labels, args.cfg_scale, sampler=name)
+        diffusion = diffusion_for(respacing, ref)
         # ADM's p_sample_loop as DiT's sample.py drives it: CFG on the doubled batch
         z = torch.randn(len(labels), 4, model.input_size, model.input_size, device=device)
         y = torch.tensor(labels + [model.num_classes] * len(labels), device=device)
         return diffusion.p_sample_loop(model.forward_with_cfg, None, torch.cat([z, z]), model_kwargs=dict(y=y, cfg_scale=args.cfg_scale))
     return run
 
-def matmul_peak(device, n=2048, k=8):
-    """k fp32 n x n matmuls: the machine's achievable TFLOP/s, timed in the same rounds as the rows."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def matmul_peak(device, dtype, n=2048, k=8):
+    """k n x n matmuls in dtype: the machine's achievable TFLOP/s, timed in the same rounds as the rows."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     return lambda *_: [a @ b for _ in range(k)], 2 * n ** 3 * k
 
 @torch.no_grad()
-def sample_flops(args):
+def sample_flops(args, row):
     """FLOPs of one sampling call: one guided model call on the doubled batch per step (on the meta device)."""
     meta, n, s = torch.device("meta"), 2 * args.batch_size, args.image_size // 8
     model = build("difffit", False, meta, args).eval()
     with FlopCounterMode(display=False) as counter:
         model.forward_with_cfg(torch.empty(n, 4, s, s, device=meta), torch.zeros(n, dtype=torch.long, device=meta),
                                torch.zeros(n, dtype=torch.long, device=meta), args.cfg_scale)
-    return counter.get_total_flops() * create_diffusion(args.steps).num_timesteps
+    name, steps = ("ddpm", args.ref_steps) if row.startswith("ref") else re.fullmatch(r"sample (ddpm|ddim|dpm\+\+)(\S+).*", row).groups()
+    return counter.get_total_flops() * make_diffusion(name, steps).num_timesteps
 
 def train_flops(row, args):
     """FLOPs of one training step (forward and backward; the optimizer's are negligible), on the meta device."""
@@ -204,10 +215,10 @@ def main(args):
 
     # The rows: the reference-style loop of each method (fp32, cached latents), then ours in each precision.
     has_bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    precisions = {"auto": [""] + [" bf16"] * has_bf16, "fp32": [""], "bf16": [" bf16"], "both": ["", " bf16"]}[args.precision]
+    precisions = {"auto": [" bf16" if has_bf16 else ""], "fp32": [""], "bf16": [" bf16"], "both": ["", " bf16"]}[args.precision]
     methods = args.methods.split(",")
     if args.what == "sample":
-        rows = ["ref sample"] + [f"sample{p}" for p in precisions]
+        rows = ["ref sample"] + [f"sample {s}{p}" for p in precisions for s in args.samplers.split(",")]
     else:
         rows = [f"ref {m}" for m in methods] + [f"{m}{p}" for p in precisions for m in methods]
         rows += [f"{methods[-1]}{p} +vae" for p in precisions if args.vae]
@@ -231,11 +242,13 @@ def main(args):
 
     # Build and warm up every row (sampling warms up on a 2-step chain), then time them in turns.
     steps = {row: (sampler if args.what == "sample" else trainer)(row, device, args) for row in rows}
-    flops = {row: sample_flops(args) if args.what == "sample" else train_flops(row, args) for row in rows}
-    steps["matmul peak"], flops["matmul peak"] = matmul_peak(device)
+    flops = {row: sample_flops(args, row) if args.what == "sample" else train_flops(row, args) for row in rows}
+    steps["matmul peak"], flops["matmul peak"] = matmul_peak(device, torch.float32)
+    if any("bf16" in row for row in rows):
+        steps["matmul peak bf16"], flops["matmul peak bf16"] = matmul_peak(device, torch.bfloat16)
     for step in steps.values():
         for _ in range(args.warmup):
-            step("2") if args.what == "sample" else step()
+            step(2) if args.what == "sample" else step()
     reps = args.iters if args.what == "train" else 1
     times = {row: [] for row in steps}
     for _ in range(args.rounds):
@@ -247,17 +260,19 @@ def main(args):
             sync(device)
             times[row].append((time.perf_counter() - t0) / reps)
     dt = {row: statistics.median(ts) for row, ts in times.items()}
-    peak = flops["matmul peak"] / dt["matmul peak"] / 1e12
+    peak = {p: flops[p] / dt[p] / 1e12 for p in ("matmul peak", "matmul peak bf16") if p in dt}
 
-    # The table: img/s, and ratios to the reference-style loop of the same method and to our full fine-tuning.
+    # The table: img/s, and ratios to the reference-style loop of the same method and to our full fine-tuning;
+    # % peak is against the matmul peak of the row's precision.
     print(f"median of {args.rounds} rounds x {reps} {'sampling calls' if args.what == 'sample' else 'steps'} after {args.warmup} warm-up; "
-          f"fp32 matmul peak (2048², timed in the same rounds): {peak:.3f} TFLOP/s")
+          f"matmul peak (2048², timed in the same rounds): " + ", ".join(f"{v:.3f} TFLOP/s {'bf16' if 'bf16' in k else 'fp32'}" for k, v in peak.items()))
     unit = f"s/call" if args.what == "sample" else "s/step"
     print(f"{'row':<22} {unit:>8} {'img/s':>8} {'vs ref':>7} {'vs full':>8} {'TFLOP/s':>8} {'% peak':>7}")
     for row in rows:
         tf = flops[row] / dt[row] / 1e12
         vs_full = f"{dt[row] / dt[full_of(row)]:8.2f}" if full_of(row) in dt else f"{'':>8}"
-        print(f"{row:<22} {dt[row]:8.3f} {args.batch_size / dt[row]:8.3f} {dt[ref_of(row)] / dt[row]:7.2f}x {vs_full} {tf:8.3f} {100 * tf / peak:6.0f}%")
+        pk = peak["matmul peak bf16" if "bf16" in row else "matmul peak"]
+        print(f"{row:<22} {dt[row]:8.3f} {args.batch_size / dt[row]:8.3f} {dt[ref_of(row)] / dt[row]:7.2f}x {vs_full} {tf:8.3f} {100 * tf / pk:6.0f}%")
 
 if __name__ == "__main__":
     main(parser.parse_args())

@@ -192,6 +192,16 @@ def fingerprint(model):
         h.update(flat[idx].cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
+@torch.no_grad()
+def store_frozen(model, dtype):
+    """Store the frozen matrices (Linear and conv weights) in `dtype` once: under bf16 autocast they are then not
+    recast at every step, and take half the memory. The trained tensors stay fp32 masters (so do their optimizer
+    state and EMA), and so do pos_embed and the class table, which enter the fp32 residual stream unrounded."""
+    for name, p in model.named_parameters():
+        if not p.requires_grad and p.ndim >= 2 and name != "pos_embed" and not name.endswith("embedding_table.weight"):
+            p.data = p.data.to(dtype)
+    return model
+
 # -----------------------------------------------------------------------------
 # deltas: the one file format of a fine-tuned model. A delta is a dict
 #   {"spec": make_spec's dict, "config": the model config the base is built with, "base": where the base is, "params": name -> tensor}

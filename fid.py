@@ -228,9 +228,10 @@ def get_features(images, mode, net=None, batch_size=50, num_workers=0, device="c
     loader = torch.utils.data.DataLoader(Images(images, mode), batch_size=batch_size, num_workers=num_workers)
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # TF32 shifts features by ~1e-3
-    try:
-        return np.concatenate([toy_features(x) if mode == "toy" else net(x.to(device)).cpu().double().numpy()
-                               for x in tqdm(loader, desc=f"features ({mode}, {len(loader.dataset)} images)", unit="batch")])
+    try:  # always fp32, also when called inside a caller's bf16 autocast (a measure must not change with the precision)
+        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+            return np.concatenate([toy_features(x) if mode == "toy" else net(x.to(device)).cpu().double().numpy()
+                                   for x in tqdm(loader, desc=f"features ({mode}, {len(loader.dataset)} images)", unit="batch")])
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 

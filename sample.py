@@ -173,7 +173,6 @@ def main(args):
     if device.type == "cuda":
         torch.cuda.set_device(device)  # one GPU per rank, also for NCCL's barrier
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32: >3x faster sampling on A100 (DiT #25)
-    torch.set_grad_enabled(False)
 
     # The respaced diffusion first (a bad --steps fails before anything loads), then the model and the VAE.
     diffusion = make_diffusion(args.sampler, args.steps)

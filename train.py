@@ -365,6 +365,8 @@ def main(args):
     # Create model: the base (strict load), then the surgery of the method on it; a resumed run rebuilds it from its delta.
     model, config, spec = create_model(args, info, ckpt)
     model.to(device)
+    if bf16:  # the frozen weights never change: store them in bf16 once instead of recasting them every step
+        difffit.store_frozen(model, torch.bfloat16)
     trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
     ema = {n: p.detach().clone() for n, p in trained.items()}  # EMA of the trained parameters only
     opt = torch.optim.AdamW(trained.values(), lr=args.lr, weight_decay=0, fused=device.type == "cuda")  # DiT: AdamW, wd 0

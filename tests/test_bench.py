@@ -13,7 +13,7 @@ from models import DiT
 def tiny(monkeypatch):
     """bench.py's arguments for a 2-block DiT on 4x4 latents, batch 2, one round of one step."""
     monkeypatch.setitem(bench.DiT_models, "tiny", lambda **kw: DiT(depth=2, hidden_size=64, patch_size=2, num_heads=4, **kw))
-    monkeypatch.setattr(bench, "matmul_peak", lambda device: (lambda *_: torch.randn(64, 64) @ torch.randn(64, 64), 2 * 64 ** 3))
+    monkeypatch.setattr(bench, "matmul_peak", lambda device, dtype: (lambda *_: torch.randn(64, 64, dtype=dtype) @ torch.randn(64, 64, dtype=dtype), 2 * 64 ** 3))
     def make_args(*argv):
         args = bench.parser.parse_args(["--image-size", "32", "--batch-size", "2", "--num-classes", "5", "--iters", "1", "--rounds", "1", *argv])
         args.model = "tiny"
@@ -27,16 +27,19 @@ def randomize(model):
         for p in model.parameters():
             p.normal_(0, 0.1)
 
-def test_eager_attention_equals_sdpa():
+def test_reference_block_equals_ours():
+    """DiT's unfused adaLN/gate/γ arithmetic computes what our fused block computes."""
     torch.manual_seed(0)
-    ours = bench.models.Attention(64, 4)
-    ours.gamma_qkv = torch.nn.Parameter(torch.rand(192) + 0.5)
-    ref = bench.models.Attention(64, 4)
-    ref.load_state_dict(ours.state_dict(), strict=False)
-    ref.gamma_qkv = ours.gamma_qkv
-    ref.__class__ = bench.RefAttention
-    x = torch.randn(3, 16, 64)
-    assert torch.allclose(ref(x), ours(x), rtol=1e-5, atol=1e-6)
+    ours = bench.models.DiTBlock(64, 4)
+    randomize(ours)
+    ours.gamma_attn, ours.gamma_mlp = (torch.nn.Parameter(torch.rand(64) + 0.5) for _ in range(2))
+    ours.attn.gamma_qkv = torch.nn.Parameter(torch.rand(192) + 0.5)
+    ref = bench.models.DiTBlock(64, 4)
+    ref.gamma_attn, ref.gamma_mlp, ref.attn.gamma_qkv = ours.gamma_attn, ours.gamma_mlp, ours.attn.gamma_qkv
+    ref.load_state_dict(ours.state_dict())
+    ref.__class__ = bench.RefBlock
+    x, c = torch.randn(3, 16, 64), torch.randn(3, 64)
+    assert torch.allclose(ref(x, c), ours(x, c), rtol=1e-5, atol=1e-6)
 
 def test_reference_lookups_equal_ours():
     ours, ref = bench.diffusion_for("250", False), bench.diffusion_for("250", True)
@@ -78,10 +81,25 @@ def test_training_table(tiny, capsys):
     assert float(rows["difffit"][1]) > 0 and float(rows["difffit"][5].rstrip("%")) >= 0
 
 def test_sampling_table(tiny, capsys):
-    bench.main(tiny("--what", "sample", "--steps", "3", "--precision", "fp32"))
+    bench.main(tiny("--what", "sample", "--samplers", "ddpm3,dpm++3", "--ref-steps", "3", "--precision", "both"))
     rows = table(capsys.readouterr().out)
-    assert list(rows) == ["ref sample", "sample"] and rows["ref sample"][2] == "1.00x"
+    assert list(rows) == ["ref sample", "sample ddpm3", "sample dpm++3", "sample ddpm3 bf16", "sample dpm++3 bf16"]
+    assert rows["ref sample"][2] == "1.00x" and all(float(r[1]) > 0 for r in rows.values())
 
 def test_memory_child_reports_its_peak(tiny, capsys):
     bench.main(tiny("--child", "difffit"))
     assert int(capsys.readouterr().out.split()[-1]) > 2**20  # bytes; at least the interpreter
+
+def test_training_table_in_bf16_on_any_cpu(tiny, capsys):
+    """The rows every GPU runs: bf16 autocast with frozen weights stored in bf16, and their FLOP count (meta device)."""
+    bench.main(tiny("--methods", "full,difffit", "--precision", "both"))
+    out = capsys.readouterr().out
+    rows = table(out)
+    assert list(rows) == ["ref full", "ref difffit", "full", "difffit", "full bf16", "difffit bf16"]
+    assert "TFLOP/s bf16" in out.splitlines()[1]
+    assert float(rows["difffit bf16"][4]) > 0  # its FLOPs were counted (on the meta device, where autocast does not run)
+    assert bench.train_flops("difffit bf16", tiny()) == bench.train_flops("difffit", tiny())  # same work in either precision
+
+def test_bf16_memory_child_reports_its_peak(tiny, capsys):
+    bench.main(tiny("--child", "difffit bf16"))
+    assert int(capsys.readouterr().out.split()[-1]) > 2**20

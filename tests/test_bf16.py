@@ -1,0 +1,113 @@
+"""
+Every bf16 path a GPU user takes, run on the CPU whatever it is (CPU autocast works everywhere, slowly without
+AVX512-BF16/AMX): training with frozen weights stored in bf16, resume, merge and delta export, sampling (grid, FID
+set, bank), the VAE, and the measures, which stay fp32. Tiny models, so seconds even without native bf16.
+
+    python -m pytest tests/test_bf16.py
+"""
+import copy
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import difffit
+import fid
+import models
+import sample
+import train
+from models import DiT, save_model
+
+TINY = dict(input_size=32, patch_size=8, in_channels=3, hidden_size=32, depth=2, num_heads=2, num_classes=8)
+
+@pytest.fixture
+def base(tmp_path):
+    torch.manual_seed(0)
+    model = DiT(**TINY)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n != "pos_embed":
+                p.normal_(0, 0.05)
+    path = str(tmp_path / "base.safetensors")
+    save_model(path, model.state_dict(), TINY)
+    return path
+
+def run(tmp_path, base, *extra):
+    args = train.parser.parse_args(["--ckpt", base, "--results-dir", str(tmp_path / "results"), "--global-batch-size", "4",
+                                    "--log-every", "1", "--sample-steps", "2", "--precision", "bf16", "--eval-per-class", "0", *extra])
+    return train.main(args)
+
+@pytest.mark.parametrize("method", ["difffit", "lora-r8", "full"])
+def test_frozen_weights_stored_in_bf16_compute_what_autocast_computes(base, method):
+    """Storing the frozen weights in bf16 once is exactly autocast's per-step cast: same loss, same gradients."""
+    recast = models.load_model(base)[0]
+    difffit.apply(recast, difffit.make_spec(recast, method, 8))
+    stored = difffit.store_frozen(copy.deepcopy(recast), torch.bfloat16)  # the same LoRA init
+    frozen = [p for p in stored.parameters() if p.dtype == torch.bfloat16]
+    assert all(not p.requires_grad for p in frozen) and (frozen or method == "full")
+    assert all(p.dtype == torch.float32 for p in stored.parameters() if p.requires_grad)  # fp32 masters
+    diffusion = train.create_diffusion("")
+    x, t, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 10, 500, 999]), torch.tensor([0, 1, 2, 8])
+    out = []
+    for m in (recast, stored):
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = diffusion.training_losses(m.train(), x, t, dict(y=y))["loss"].mean()
+        loss.backward()
+        out.append((loss, {k: p.grad for k, p in m.named_parameters() if p.requires_grad}))
+    assert torch.equal(out[0][0], out[1][0])
+    assert all(torch.equal(g, out[1][1][k]) for k, g in out[0][1].items())
+
+def test_bf16_run_resumes_exactly_and_exports_fp32(tmp_path, base):
+    straight = run(tmp_path / "a", base, "--max-steps", "4", "--ckpt-every", "2")
+    run(tmp_path / "b", base, "--max-steps", "2", "--ckpt-every", "2")
+    resumed = train.main(train.parser.parse_args(["--resume", str(tmp_path / "b" / "results" / "000-toy-difffit"), "--max-steps", "4"]))
+    a, b = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=True) for d in (straight, resumed))
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+    assert "--precision bf16: bf16 autocast" in open(os.path.join(straight, "log.txt")).read()  # what was chosen is logged
+    # the delta and the merged model keep fp32, and base + delta in fp32 is the merged model
+    delta = difffit.read_delta(os.path.join(straight, "delta.safetensors"))
+    assert all(v.dtype == torch.float32 for v in delta["params"].values())
+    merged, _, _ = models.load_model(os.path.join(straight, "model.safetensors"))
+    assert all(v.dtype == torch.float32 for v in merged.state_dict().values())
+    fp32, _ = difffit.load(delta)
+    x, t, y = torch.randn(2, 3, 32, 32), torch.tensor([5, 900]), torch.tensor([1, 8])
+    torch.testing.assert_close(merged.eval()(x, t, y), fp32.eval()(x, t, y), rtol=1e-5, atol=1e-6)
+
+def test_sampling_in_bf16_writes_the_same_formats(tmp_path, base):
+    """Grid, FID set and bank under --precision bf16: uint8 PNGs, the ADM .npz and a float32 bank, as in fp32."""
+    common = ["--ckpt", base, "--steps", "2", "--precision", "bf16", "--batch-size", "3"]
+    sample.main(sample.parser.parse_args(common + ["--out", str(tmp_path / "grid.png")]))
+    sample.main(sample.parser.parse_args(common + ["--num-fid-samples", "5", "--fid-dir", str(tmp_path / "fid")]))
+    sample.main(sample.parser.parse_args(common + ["--num-bank-samples", "5", "--out", str(tmp_path / "bank.npy")]))
+    assert (tmp_path / "grid.png").exists()
+    arr = np.load(tmp_path / "fid.npz")["arr_0"]
+    assert arr.shape == (5, 32, 32, 3) and arr.dtype == np.uint8
+    bank = np.load(tmp_path / "bank.npy")
+    assert bank.shape == (5, 3, 32, 32) and bank.dtype == np.float32 and np.isfinite(bank).all()
+    for sampler in ("ddim", "dpm++"):
+        sample.main(sample.parser.parse_args(common + ["--sampler", sampler, "--out", str(tmp_path / f"{sampler}.png")]))
+
+def test_vae_under_bf16_autocast_returns_fp32_close_to_fp32():
+    torch.manual_seed(0)
+    vae = models.AutoencoderKL(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4).eval()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        mean, std = vae.encode(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mean16, std16 = vae.encode(x)
+            img16 = vae.decode(mean16)
+        img = vae.decode(mean)
+    assert mean16.dtype == std16.dtype == img16.dtype == torch.float32
+    for a, b in ((mean16, mean), (img16, img)):
+        assert ((a - b).norm() / b.norm()).item() < 0.05  # bf16 has 8 bits of mantissa
+
+def test_fid_features_stay_fp32_inside_a_bf16_autocast():
+    torch.manual_seed(0)
+    net = fid.FIDInception().eval()
+    images = np.random.RandomState(0).randint(0, 255, (2, 40, 40, 3), np.uint8)
+    plain = fid.get_features(images, "legacy_pytorch", net, batch_size=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = fid.get_features(images, "legacy_pytorch", net, batch_size=2)
+    assert np.array_equal(plain, inside)
