@@ -207,6 +207,10 @@ def base_ref(path):
     full = os.path.abspath(path)
     return os.path.relpath(full, ROOT) if full.startswith(ROOT + os.sep) else full
 
+def base_path(ref):
+    """What load_model takes for a delta's base (base_ref's inverse): names as they are, a repo-relative path in this repo."""
+    return ref if ref == "scratch" or published(ref) or os.path.isabs(ref) else os.path.join(ROOT, ref)
+
 def trainable_state_dict(model):
     """name -> tensor for every parameter that trains (γ included): what a delta stores."""
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
@@ -245,10 +249,8 @@ def load(delta, base=None):
     """Base + delta -> (model, delta): load the base the delta names (or `base`), check it is the one the delta was
     trained on, redo the surgery, load the trained tensors. `delta` is a path or a delta dict."""
     delta = read_delta(delta) if isinstance(delta, str) else delta
-    path = base or delta["base"]
+    path = base or base_path(delta["base"])
     named = path == "scratch" or (published(path) and not os.path.exists(path))  # downloaded on demand, or a random init
-    if base is None and not named and not os.path.isabs(path):
-        path = os.path.join(ROOT, path)
     if not named and not os.path.exists(path):
         raise FileNotFoundError(f"the delta's base {path} is missing: pass --base with the checkpoint it was trained from")
     model, _, _ = load_model(path, delta["config"], input_size=delta["config"]["input_size"])
