@@ -18,6 +18,7 @@ rows encode random images with a random-weight SD VAE of the published config (8
 """
 import argparse
 import contextlib
+import math
 import re
 import resource
 import statistics
@@ -196,6 +197,38 @@ def sync(device):
 
 # -----------------------------------------------------------------------------
 
+def die(msg):
+    """Bad input: one `error:` line and exit code 2, as in every script here."""
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+parser.error = lambda msg: die(f"{msg} (see --help)")  # argparse's own complaints as one line too, without the usage block
+
+def check_args(args):
+    """Every flag before a model is built: ValueError('--flag value: what is wrong; what to do')."""
+    for flag, settings in (("--samplers", args.samplers.split(",")), ("--ref-steps", ["ddpm" + args.ref_steps])):
+        for s in settings:
+            m = re.fullmatch(r"(ddpm|ddim|dpm\+\+)(\S+)", s)
+            if not m:
+                raise ValueError(f"{flag} {s}: expected a sampler (ddpm, ddim, dpm++) followed by its steps, e.g. ddpm250 or dpm++20")
+            try:
+                make_diffusion(*m.groups())
+            except ValueError as e:
+                raise ValueError(f"{flag} {s}: {e}") from None
+    models.check_flags(args, [
+        ("--image-size", args.image_size >= 8 and args.image_size % 8 == 0, "the latents are /8: use a positive multiple of 8 (256)"),
+        ("--batch-size", args.batch_size >= 1, "use at least 1 image per step"),
+        ("--num-classes", args.num_classes >= 1, "use at least 1 class"),
+        ("--methods", all(m in difffit.METHODS for m in args.methods.split(",")), f"comma-separated names of {', '.join(difffit.METHODS)}"),
+        ("--iters", args.iters >= 1, "time at least 1 step"),
+        ("--warmup", args.warmup >= 0, "use 0 or more warm-up steps"),
+        ("--rounds", args.rounds >= 1, "use at least 1 round"),
+        ("--cfg-scale", math.isfinite(args.cfg_scale), "use a finite guidance scale"),
+        ("--vae", not args.vae or args.what != "sample", "the sampling rows do not encode: drop --vae"),
+        ("--profile", args.profile is None or any(w in difffit.METHODS for w in args.profile.split()),
+         f"a training row, e.g. one of {', '.join(difffit.METHODS)}"),
+    ])
+
 def main(args):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py and sample.py
@@ -275,4 +308,9 @@ def main(args):
         print(f"{row:<22} {dt[row]:8.3f} {args.batch_size / dt[row]:8.3f} {dt[ref_of(row)] / dt[row]:7.2f}x {vs_full} {tf:8.3f} {100 * tf / pk:6.0f}%")
 
 if __name__ == "__main__":
-    main(parser.parse_args())
+    try:
+        args = parser.parse_args()
+        check_args(args)
+        main(args)
+    except (ValueError, OSError) as e:  # bad input: one line, exit code 2
+        die(str(e))

@@ -23,7 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models import DiT_models, get_2d_sincos_pos_embed, load_file, load_model, published, write_diffusers_dit, write_safetensors
+from models import (DiT_models, check_flags, get_2d_sincos_pos_embed, load_file, load_model, published, unwritable, write_diffusers_dit,
+                    write_safetensors)
 
 # -----------------------------------------------------------------------------
 # modules the comparison methods add (Table 1). Each takes over the frozen tensors of the module it replaces
@@ -217,6 +218,10 @@ def base_ref(path):
     full = os.path.abspath(path)
     return os.path.relpath(full, ROOT) if full.startswith(ROOT + os.sep) else full
 
+def base_path(ref):
+    """What load_model takes for a delta's base (base_ref's inverse): names as they are, a repo-relative path in this repo."""
+    return ref if ref == "scratch" or published(ref) or os.path.isabs(ref) else os.path.join(ROOT, ref)
+
 def trainable_state_dict(model):
     """name -> tensor for every parameter that trains (γ included): what a delta stores."""
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
@@ -255,10 +260,8 @@ def load(delta, base=None):
     """Base + delta -> (model, delta): load the base the delta names (or `base`), check it is the one the delta was
     trained on, redo the surgery, load the trained tensors. `delta` is a path or a delta dict."""
     delta = read_delta(delta) if isinstance(delta, str) else delta
-    path = base or delta["base"]
+    path = base or base_path(delta["base"])
     named = path == "scratch" or (published(path) and not os.path.exists(path))  # downloaded on demand, or a random init
-    if base is None and not named and not os.path.isabs(path):
-        path = os.path.join(ROOT, path)
     if not named and not os.path.exists(path):
         raise FileNotFoundError(f"the delta's base {path} is missing: pass --base with the checkpoint it was trained from")
     model, _, _ = load_model(path, delta["config"], input_size=delta["config"]["input_size"])
@@ -326,10 +329,20 @@ def main():
     parser.add_argument("--export", default=None, metavar="DELTA", help="merge this delta into its base and write it as a diffusers folder")
     parser.add_argument("--base", default=None, help="with --export: the delta's base, if it is no longer where the delta says")
     parser.add_argument("--out", default=None, help="with --export: the folder to write (config.json + diffusion_pytorch_model.safetensors)")
+    parser.error = lambda msg: die(f"{msg} (see --help)")  # argparse's own complaints as one line too, without the usage block
     args = parser.parse_args()
+    out = unwritable(args.out) if args.out else None
+    check_flags(args, [
+        ("--image-size", args.image_size >= 8 and args.image_size % 8 == 0, "the latents are /8: use a positive multiple of 8 (256)"),
+        ("--num-classes", args.num_classes >= 1, "use at least 1 class"),
+        ("--export", args.export is None or os.path.isfile(args.export), "no such file: pass the delta.safetensors a run of train.py wrote"),
+        ("--export", args.export is None or args.out, "needs --out DIR, the folder to write"),
+        ("--out", args.out is None or args.export, "only --export writes a folder: add --export DELTA, or drop --out"),
+        ("--out", out is None, f"{out}: pass an --out you can write to"),
+        ("--base", args.base is None or args.export, "only --export loads a delta's base: add --export DELTA, or drop --base"),
+        ("--base", args.base in (None, "scratch") or published(args.base) or os.path.exists(args.base), "no such file: pass the delta's base checkpoint"),
+    ])
     if args.export:  # DiTPipeline.from_pretrained needs a VAE and scheduler beside it: see the README
-        if not args.out:
-            raise ValueError("--export needs --out DIR, the folder to write")
         model, delta = load(args.export, base=args.base)
         write_diffusers_dit(merge(model), {**delta["config"], "num_classes": delta["spec"]["num_classes"]}, args.out)
         print(f"wrote {args.out}/config.json and diffusion_pytorch_model.safetensors ({delta['spec']['num_classes']} classes)")
@@ -346,9 +359,13 @@ def main():
     for method, n in rows:
         print(f"{method:<17} {n:>13,} {100 * n / total:>7.2f}%  {TABLE1[method] if args.model == 'DiT-XL/2' else ''}")
 
+def die(msg):
+    """Bad input: one `error:` line and exit code 2, as in every script here."""
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, exit code 2 (as every script here)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except (ValueError, OSError) as e:  # bad input, or a folder that cannot be written: one line, exit code 2
+        die(str(e))

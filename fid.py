@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from models import download
-from prepare import IMAGE_EXTENSIONS, open_dataset
+from models import atomic_write, check_flags, download, load_arrays, load_file, unwritable
+from prepare import DATASETS, IMAGE_EXTENSIONS, open_dataset
 
 # -----------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description="FID between any two of: image folder, samples .npz, statistics .npz, dataset name.")
@@ -44,6 +44,13 @@ parser.add_argument("--allow-mode-mismatch", action="store_true", help="compare 
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device of the Inception network")
 parser.add_argument("--batch-size", type=int, default=50, help="images per forward pass")
 parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader processes (decode + resize)")
+
+def die(msg):
+    """Bad input: one `error:` line and exit code 2, as in every script here."""
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+parser.error = lambda msg: die(f"{msg} (see --help)")  # argparse's own complaints as one line too, without the usage block
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"  # torch.hub convention: 6726825d starts its SHA-256
 WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_NAME
@@ -157,13 +164,20 @@ def load_inception(weights=None, download_ok=False, device="cpu"):
             raise FileNotFoundError(f"FID Inception weights not found at {path}: download {WEIGHTS_URL} (or {WEIGHTS_URL_ALT}) "
                                f"there, or pass --weights / set $FID_INCEPTION_WEIGHTS, or use --download")
         download(WEIGHTS_URL, path, sha256="6726825d")
+    sd = load_file(path, "FID Inception weights")
+    sd = sd[0] if isinstance(sd, tuple) else sd
+    net = FIDInception()  # a plain dict without num_batches_tracked loads strictly (BatchNorm fills them in)
+    sd = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")} if isinstance(sd, dict) else {}
+    ref = {k: v.shape for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    bad = sorted(ref.keys() ^ sd.keys()) + [k for k in ref if k in sd and getattr(sd[k], "shape", None) != ref[k]]
+    if bad:
+        raise ValueError(f"FID Inception weights {path}: not the 2015-12-05 Inception ({len(bad)} tensors missing, unexpected or "
+                         f"misshapen, e.g. {bad[0]}): use {WEIGHTS_NAME} from {WEIGHTS_URL}")
+    net.load_state_dict(sd, strict=True)
     with open(path, "rb") as f:
         digest = hashlib.file_digest(f, "sha256").hexdigest()
     if not digest.startswith("6726825d"):
         warnings.warn(f"{path} has SHA-256 {digest[:8]}..., not 6726825d...: not the standard FID weights, FIDs are not comparable")
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    net = FIDInception()  # a plain dict without num_batches_tracked loads strictly (BatchNorm fills them in)
-    net.load_state_dict({k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}, strict=True)
     net.weights = f"{os.path.basename(path)} sha256:{digest[:16]}"  # recorded in statistics files
     return net.eval().requires_grad_(False).to(device)
 
@@ -210,9 +224,16 @@ class Images(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, i):
+        """The input, or why it was skipped: an image that does not decode (train.py and prepare.py skip those too)."""
         item = self.items[i]
+        if item is None:  # prepare's ImageDataset: unreadable, and reported there
+            return f"image {i} of the dataset"
         if isinstance(item, str):
-            img = np.asarray(Image.open(item).convert("RGB"))
+            try:
+                with Image.open(item) as f:
+                    img = np.asarray(f.convert("RGB"))  # convert() decodes, so truncated files fail here
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+                return f"{item}: {e}"
         elif isinstance(item, (tuple, list)):  # (image (3, H, W), label) from prepare.open_dataset
             x = item[0]
             if x.is_floating_point():  # in [-1, 1]: quantised as DiT saves its samples (the cast truncates: +128 rounds)
@@ -222,18 +243,33 @@ class Images(torch.utils.data.Dataset):
             img = np.asarray(item)
         return preprocess(img, self.mode)
 
+def readable(batch):
+    """DataLoader collate_fn for Images: (the inputs that decoded, stacked; why each of the others was skipped)."""
+    good = [x for x in batch if not isinstance(x, str)]
+    return torch.stack(good) if good else None, [x for x in batch if isinstance(x, str)]
+
 @torch.inference_mode()
 def get_features(images, mode, net=None, batch_size=50, num_workers=0, device="cpu"):
-    """Features (N, d) float64 of any of the sources Images takes, in batches on device."""
-    loader = torch.utils.data.DataLoader(Images(images, mode), batch_size=batch_size, num_workers=num_workers)
+    """Features (N, d) float64 of any of the sources Images takes, in batches on device. Unreadable images are skipped
+    and reported in one line; none readable is a ValueError."""
+    loader = torch.utils.data.DataLoader(Images(images, mode), batch_size=batch_size, num_workers=num_workers, collate_fn=readable)
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # TF32 shifts features by ~1e-3
+    feats, skipped = [], []
     try:  # always fp32, also when called inside a caller's bf16 autocast (a measure must not change with the precision)
         with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
-            return np.concatenate([toy_features(x) if mode == "toy" else net(x.to(device)).cpu().double().numpy()
-                                   for x in tqdm(loader, desc=f"features ({mode}, {len(loader.dataset)} images)", unit="batch")])
+            for x, bad in tqdm(loader, desc=f"features ({mode}, {len(loader.dataset)} images)", unit="batch", disable=not sys.stderr.isatty()):
+                skipped += bad
+                if x is not None:
+                    feats.append(toy_features(x) if mode == "toy" else net(x.to(device)).cpu().double().numpy())
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    if not feats:
+        raise ValueError(f"none of the {len(skipped)} images could be read ({skipped[0]})" if skipped else "no images to read")
+    if skipped:
+        print(f"warning: skipped {len(skipped)} unreadable images ({'; '.join(skipped[:3])}{' ...' if len(skipped) > 3 else ''})",
+              file=sys.stderr, flush=True)
+    return np.concatenate(feats)
 
 def image_files(folder):
     """Image files under folder, recursively, any case of extension (.JPEG too), sorted."""
@@ -248,19 +284,24 @@ def statistics(features):
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 def save_stats(path, mu, sigma, **meta):
-    """mu, sigma (float64) + metadata as 0-d arrays: an .npz pytorch-fid reads too. Never overwrites."""
+    """mu, sigma (float64) + metadata as 0-d arrays: an .npz pytorch-fid reads too. Never overwrites; written atomically."""
     if os.path.exists(path):
         raise ValueError(f"{path} exists; not overwriting it")
-    np.savez_compressed(path, mu=np.float64(mu), sigma=np.float64(sigma), **{k: np.array(v) for k, v in meta.items()})
+    arrays = dict(mu=np.float64(mu), sigma=np.float64(sigma), **{k: np.array(v) for k, v in meta.items()})
+    atomic_write(str(path), lambda f: np.savez_compressed(f, **arrays))
 
 def load_stats(path):
     """(mu, sigma, meta) of a statistics .npz; files without a mode (pytorch-fid's, ADM's) get an assumed one."""
-    with np.load(path) as f:
-        meta = {k: f[k].item() for k in f.files if k != "arr_0" and f[k].ndim == 0}  # ADM files also hold arr_0, mu_s, sigma_s
-        mu, sigma = f["mu"], f["sigma"]
-        if "mode" not in meta:
-            meta["mode"] = "legacy_tensorflow" if "arr_0" in f.files else "legacy_pytorch"
-            warnings.warn(f"{path} records no mode; assuming {meta['mode']} ({'ADM' if 'arr_0' in f.files else 'pytorch-fid'} file)")
+    def read(f):  # ADM files also hold arr_0 (images: not read), mu_s, sigma_s
+        files = getattr(f, "files", [])
+        meta = {k: f[k].item() for k in files if k != "arr_0" and f[k].ndim == 0}
+        return f.get("mu") if files else None, f.get("sigma") if files else None, meta, "arr_0" in files
+    mu, sigma, meta, adm = load_arrays(str(path), "statistics", read)
+    if mu is None or sigma is None or mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise ValueError(f"statistics {path}: no mu (d,) and sigma (d, d) in it: write statistics with fid.py --save-stats")
+    if "mode" not in meta:
+        meta["mode"] = "legacy_tensorflow" if adm else "legacy_pytorch"
+        warnings.warn(f"{path} records no mode; assuming {meta['mode']} ({'ADM' if adm else 'pytorch-fid'} file)")
     return mu, sigma, meta
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
@@ -291,6 +332,9 @@ def compare(stats1, stats2, allow_mode_mismatch=False):
     (mu1, s1, m1), (mu2, s2, m2) = stats1, stats2
     if m1["mode"] != m2["mode"] and not allow_mode_mismatch:
         raise ValueError(f"mode mismatch: {m1['mode']} vs {m2['mode']}; FIDs of different protocols are not comparable (--allow-mode-mismatch to force)")
+    if len(mu1) != len(mu2):
+        raise ValueError(f"statistics of different feature sizes ({len(mu1)} vs {len(mu2)}): "
+                         "the toy mode's and the Inception's cannot be compared")
     for m in (m1, m2):
         if m.get("num_images", np.inf) <= len(mu1):
             warnings.warn(f"{m['num_images']} samples <= {len(mu1)} feature dims: the covariance is singular and the FID unreliable (use >= 10k; 50k is standard)")
@@ -301,10 +345,12 @@ def compare(stats1, stats2, allow_mode_mismatch=False):
 def images_of(src, args):
     """What the images of src are: a file list, a (memory-mapped) array, or a dataset; None for a statistics file."""
     if os.path.isfile(src) and src.endswith(".npz"):
-        with np.load(src) as f:
-            if "mu" in f.files:
-                return None
-            images = f["arr_0"] if "arr_0" in f.files else None  # in memory (50k x 256^2 x 3 = 9.8 GB; else pass the PNG folder)
+        def read(f):  # arr_0 in memory (50k x 256^2 x 3 = 9.8 GB; else pass the PNG folder)
+            files = getattr(f, "files", [])
+            return "mu" in files, f["arr_0"] if "arr_0" in files and "mu" not in files else None
+        stats, images = load_arrays(src, "samples or statistics", read)
+        if stats:
+            return None
         if images is None or images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
             raise ValueError(f"{src}: holds neither statistics (mu, sigma) nor samples (arr_0: uint8 N,H,W,3)")
         return images
@@ -317,13 +363,37 @@ def images_of(src, args):
         raise ValueError(f"{src}: not an image folder, a .npz or a dataset name")
     return open_dataset(src, args.data_dir, args.split, args.image_size)  # (uint8 (3, S, S) centre crop, label) items
 
-def main(args):
-    # Inputs: one (to save its statistics) or two (to score)
+def check_args(args):
+    """Every flag before anything is read or loaded: ValueError('--flag value: what is wrong; what to do')."""
     srcs = args.inputs + ([args.ref] if args.ref else [])
     if len(srcs) != (1 if args.save_stats else 2):
         raise ValueError(f"need {'one input with --save-stats' if args.save_stats else 'two inputs (or one and --ref)'}, got {len(srcs)}")
-    if args.save_stats and os.path.exists(args.save_stats):
-        raise ValueError(f"{args.save_stats} exists; not overwriting it")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        device = None
+    out = unwritable(os.path.dirname(os.path.abspath(args.save_stats))) if args.save_stats else None
+    toy_data = any(DATASETS.get(s, {}).get("toy") for s in srcs)
+    check_flags(args, [
+        ("--save-stats", args.save_stats is None or args.save_stats.endswith(".npz"), "a statistics file is an .npz: end the name in .npz"),
+        ("--save-stats", args.save_stats is None or not os.path.exists(args.save_stats), "exists; not overwriting it: pass a new name"),
+        ("--save-stats", out is None, f"{out}: pass a --save-stats you can write to"),
+        ("--image-size", args.image_size >= 1, "use a positive resolution (256 as DiT samples)"),
+        ("--image-size", not toy_data or args.image_size in (32, parser.get_default("image_size")), "the toy data is 32x32 pixels: drop --image-size"),
+        ("--weights", args.weights is None or args.mode != "toy", "the toy mode uses no network: drop --weights"),
+        ("--download", not args.download or args.mode != "toy", "the toy mode uses no network: drop --download"),
+        ("--weights", args.weights is None or os.path.isfile(args.weights) or args.download,
+         f"no such file: pass the path of {WEIGHTS_NAME}, or add --download to fetch it there"),
+        ("--device", device is not None, "not a torch device: use cpu, cuda or cuda:N"),
+        ("--device", device is None or device.type != "cuda" or torch.cuda.is_available(), "there is no CUDA device here: use --device cpu"),
+        ("--batch-size", args.batch_size >= 1, "use at least 1 image per forward pass"),
+        ("--num-workers", args.num_workers >= 0, "use 0 (decode in this process) or more"),
+    ])
+
+def main(args):
+    # Inputs: one (to save its statistics) or two (to score), each checked before the network is loaded
+    check_args(args)
+    srcs = args.inputs + ([args.ref] if args.ref else [])
     images = [images_of(s, args) for s in srcs]
     if args.mode == "toy":
         print("toy features: NOT comparable with published FIDs")
@@ -353,6 +423,5 @@ def main(args):
 if __name__ == "__main__":
     try:
         main(parser.parse_args())
-    except (ValueError, FileNotFoundError) as e:  # bad input: one line, exit code 2 (as every script here)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except (ValueError, OSError) as e:  # bad input, or a file that cannot be written: one line, exit code 2
+        die(str(e))

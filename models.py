@@ -4,6 +4,7 @@ parameter names of the published checkpoints, so DiT-XL-2-256x256.pt and -512x51
 Each block has empty slots for the scale factors γ of DiffFit (Xie et al. 2023, arXiv:2304.06648); they
 stay None (no parameters, no state-dict keys) until difffit.py fills them in.
 """
+import contextlib
 import hashlib
 import http.client
 import json
@@ -14,7 +15,9 @@ import re
 import sys
 import urllib.request
 import warnings
+import zipfile
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -273,9 +276,14 @@ def load_model(path, config=None, input_size=None):
         sd = load_file(path)
         if isinstance(sd, tuple):  # safetensors: (tensors, metadata)
             sd, meta = sd
+            if meta.get("format") == "difffit-delta":
+                raise ValueError(f"{path}: a DiffFit delta, not a model: pass it as --delta")
             config = json.loads(meta["config"]) if "config" in meta else config
         elif isinstance(sd, dict) and "config" in sd and "model" in sd:  # this repo's older .pt format
             config, sd = sd["config"], sd["model"]
+        elif isinstance(sd, dict) and "delta" in sd and "opt" in sd:
+            raise ValueError(f"{path}: a training checkpoint of train.py, not a model: pass its run's delta.safetensors as --delta "
+                             "(or model.safetensors as --ckpt)")
         elif isinstance(sd, dict) and "ema" in sd:  # a checkpoint of DiT's own train.py: its EMA weights, as DiT samples them
             sd = sd["ema"]
         if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
@@ -480,7 +488,27 @@ class AutoencoderKL(nn.Module):
         return self.decoder(self.post_quant_conv(z)).float()
 
 # -----------------------------------------------------------------------------
-# files: one atomic writer, and safetensors (u64 little-endian header size, JSON header, raw little-endian bytes)
+# files: the checks every script runs on its flags and outputs, one atomic writer, and safetensors (u64 little-endian
+# header size, JSON header, raw little-endian bytes)
+
+def check_flags(args, rules):
+    """Every script checks its flags first, before anything is loaded, downloaded or created. rules: (flag, fine?,
+    what is wrong; what to do); the first broken one raises ValueError('--flag value: ...'), one `error:` line."""
+    for flag, ok, why in rules:
+        if not ok:
+            value = getattr(args, flag[2:].replace("-", "_"))
+            raise ValueError(f"{flag}{'' if isinstance(value, bool) else f' {value}'}: {why}")
+
+def unwritable(folder):
+    """Why files cannot be made in `folder` (created if missing), or None: asked before a run, not found out after it."""
+    p = os.path.abspath(folder)
+    while not os.path.exists(p):
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        return f"{p} is a file, not a folder"
+    if not os.access(p, os.W_OK | os.X_OK):
+        return f"{p} is read-only for this user"
+    return None
 
 def atomic_write(path, write):
     """write(f) into path + ".tmp", fsync, rename: readers see the old file or the whole new one, never half of one.
@@ -574,6 +602,25 @@ def load_file(path, what="checkpoint"):
     except (RuntimeError, EOFError, OSError) as e:  # a zip cut short, ...
         raise ValueError(f"{what} {path}: unreadable, truncated or not a torch file ({str(e).split('.')[0] or e.__class__.__name__})") from None
 
+def load_arrays(path, what, read=lambda f: f, mmap=False):
+    """load_file for numpy files: read(np.load(path)) of an .npy array (a read-only memory map with mmap) or an .npz
+    (whose arrays read lazily, so read does the reading), never with pickle. Truncated, garbage or pickled files
+    raise one ValueError line naming the file, never numpy's advice to load them unsafely."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path}: no such file")
+    with open(path, "rb") as f:
+        head = f.read(6)
+    if head != b"\x93NUMPY" and not head.startswith(b"PK"):  # numpy would try it as a pickle
+        kind = "empty" if not head else "a pickle, which is never loaded" if head[:1] == b"\x80" else "unknown format"
+        raise ValueError(f"{what} {path}: not a numpy .npy or .npz file ({kind})")
+    try:
+        f = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        with f if isinstance(f, np.lib.npyio.NpzFile) else contextlib.nullcontext():
+            return read(f)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        why = "it holds Python objects, which are never unpickled" if re.search("pickle|Python objects", str(e)) else str(e) or type(e).__name__
+        raise ValueError(f"{what} {path}: unreadable, truncated or not a numpy file ({why})") from None
+
 # attention names of diffusers < 0.14 (files such as sd-vae-ft-*'s .bin still use them) -> current names
 _OLD_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
@@ -646,7 +693,9 @@ def pretrained_file(name):
 
 def download(url, path, sha256=None):
     """url -> path atomically (atomic_write); returns the SHA-256. sha256 may be a prefix (torch.hub names)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    folder = os.path.dirname(os.path.abspath(path))
+    made = not os.path.isdir(folder)
+    os.makedirs(folder, exist_ok=True)
     h = hashlib.sha256()
     def fetch(f):  # raising here deletes the temp file: a wrong or short download never lands at path
         with urllib.request.urlopen(url, timeout=60) as r:
@@ -665,6 +714,9 @@ def download(url, path, sha256=None):
     except (OSError, http.client.HTTPException) as e:
         raise FileNotFoundError(f"could not download {os.path.basename(path)} from {url} ({e.__class__.__name__}: {e}); "
                                 f"put the file at {path}") from None
+    finally:
+        if made and not os.listdir(folder):  # a failed first download leaves no empty pretrained/ behind
+            os.rmdir(folder)
     return h.hexdigest()
 
 # -----------------------------------------------------------------------------

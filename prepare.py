@@ -35,7 +35,7 @@ import torchvision
 from PIL import Image
 from tqdm import tqdm
 
-from models import VAE_SCALE, atomic_write, bf16_chosen, load_vae
+from models import VAE_SCALE, atomic_write, bf16_chosen, check_flags, load_vae, unwritable
 
 # -----------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description="Encode a dataset once into a memory-mapped VAE latent cache (python or torchrun).")
@@ -51,6 +51,13 @@ parser.add_argument("--vae", default="ema", help="VAE given to models.load_vae (
 parser.add_argument("--batch-size", type=int, default=32, help="images per VAE call per rank (each is encoded twice: as is and flipped)")
 parser.add_argument("--num-workers", type=int, default=4, help="image-decoding worker processes per rank")
 parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="VAE in bf16 autocast where the hardware has it (auto)")
+
+def die(msg):
+    """Bad input: one `error:` line and exit code 2, as in every script here."""
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+parser.error = lambda msg: die(f"{msg} (see --help)")  # argparse's own complaints as one line too, without the usage block
 
 # -----------------------------------------------------------------------------
 # datasets: one literal dict of facts
@@ -278,6 +285,9 @@ def encode_cache(name, root, split, image_size, vae, vae_name, batch_size=32, ra
             os.remove(base + ".json")  # while the files are replaced, the cache is absent rather than mixed
         files = [np.load(f"{parts}/{a:09d}-{b:09d}.npz") for a, b in chunks]
         idx = np.concatenate([f["idx"] for f in files])
+        if not len(idx):  # no cache of nothing: train.py would have no batch to draw
+            shutil.rmtree(parts, ignore_errors=True)
+            raise ValueError(f"{name}: none of its {len(ds)} images could be read (each is named above)")
         def write_latents(out):  # a .npy header, then the chunks' bytes in order
             header = dict(descr=np.dtype(np.float16).str, fortran_order=False, shape=(len(idx), 2, 2, 4, image_size // 8, image_size // 8))
             np.lib.format.write_array_header_1_0(out, header)
@@ -320,8 +330,24 @@ def sample_latents(cache, idx, generator=None):
 
 # -----------------------------------------------------------------------------
 
+def check_args(args):
+    """Every flag before a download or the VAE: ValueError('--flag value: what is wrong; what to do')."""
+    info = DATASETS.get(args.data, {})
+    out = unwritable(args.data_dir)
+    check_flags(args, [
+        ("--data", not info.get("toy"), "nothing to encode: the toy data is pixels made in memory, train.py --data toy reads it as it is"),
+        ("--data", info or os.path.isdir(args.data), f"not a dataset ({', '.join(DATASETS)}) nor an image folder <class>/<image>"),
+        ("--download", not args.download or "tv" in info,
+         f"only torchvision's datasets download ({', '.join(k for k, v in DATASETS.items() if 'tv' in v)}): drop --download"),
+        ("--vae", args.vae in ("ema", "mse") or os.path.exists(args.vae), "no such file: use ema, mse or the path of an SD VAE file"),
+        ("--data-dir", out is None, f"{out}: the cache goes there: pass a --data-dir you can write to"),
+        ("--batch-size", args.batch_size >= 1, "use at least 1 image per VAE call"),
+        ("--num-workers", args.num_workers >= 0, "use 0 (decode in this process) or more"),
+    ])
+
 def main(args):
-    # Setup DDP: torchrun sets RANK and WORLD_SIZE; plain python is one process.
+    # Every flag first. Setup DDP: torchrun sets RANK and WORLD_SIZE; plain python is one process.
+    check_args(args)
     ddp = "RANK" in os.environ
     if ddp:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -334,14 +360,10 @@ def main(args):
         print(vars(args), flush=True)
 
     # Find (or download, on rank 0 only) the dataset before loading the VAE, so a missing one fails fast.
-    try:
-        if rank == 0:
-            open_dataset(args.data, args.data_dir, args.split, args.image_size, download=args.download)
-        if ddp:
-            dist.barrier()
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    if rank == 0:
+        open_dataset(args.data, args.data_dir, args.split, args.image_size, download=args.download)
+    if ddp:
+        dist.barrier()
 
     # Encode: every rank its chunks, rank 0 writes the cache.
     vae = load_vae(args.vae).to(device).eval()
@@ -356,4 +378,7 @@ def main(args):
         dist.destroy_process_group()
 
 if __name__ == "__main__":
-    main(parser.parse_args())
+    try:
+        main(parser.parse_args())
+    except (ValueError, OSError) as e:  # bad input, a VAE that is missing or cannot be downloaded: one line, exit code 2
+        die(str(e))

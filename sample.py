@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import difffit
 from diffusion import create_diffusion
-from models import VAE_SCALE, DiT_models, atomic_write, bf16_chosen, load_model, load_vae, raw_config
+from models import VAE_SCALE, DiT_models, atomic_write, bf16_chosen, check_flags, load_model, load_vae, published, raw_config, unwritable
 
 parser = argparse.ArgumentParser(description="Sample a DiT (base + DiffFit delta, or a full checkpoint) with CFG.")
 # what to sample from
@@ -54,6 +54,13 @@ parser.add_argument("--batch-size", type=int, default=32, help="samples per forw
 # the sampler's loop in diffusion.py; every one makes one network call per kept step of the respaced chain
 LOOPS = {"ddpm": "p_sample_loop", "ddim": "ddim_sample_loop", "dpm++": "dpm_solver_sample_loop"}
 
+def die(msg):
+    """Bad input: one `error:` line and exit code 2, as in every script here."""
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+parser.error = lambda msg: die(f"{msg} (see --help)")  # argparse's own complaints as one line too, without the usage block
+
 # -----------------------------------------------------------------------------
 
 def make_diffusion(sampler, steps):
@@ -70,14 +77,60 @@ def latest_delta(results_dir):
         raise FileNotFoundError(f"no finished run in {results_dir}/: run `python train.py` first, or pass --delta / --ckpt")
     return runs[-1]
 
+def output(args, src):
+    """Where the results go: the grid PNG, the FID sample folder or the bank .npy; by default next to what is sampled."""
+    here = os.path.dirname(src) if os.path.exists(src) else "."  # a published model that is not downloaded yet: here
+    setting = f"{args.sampler}{args.steps}-cfg{args.cfg_scale}-seed{args.seed}"
+    if args.num_fid_samples:
+        return args.fid_dir or os.path.join(here, f"fid-{args.num_fid_samples}-{setting}")
+    if args.num_bank_samples:
+        return args.out or os.path.join(here, f"bank-{args.num_bank_samples}-{setting}.npy")
+    return args.out or os.path.join(here, "sample.png")
+
+def check_args(args):
+    """Every flag, and where the results go, before anything is loaded or drawn: ValueError('--flag value: why; what to do')."""
+    sets = args.num_fid_samples or args.num_bank_samples  # balanced over all classes, not a grid
+    check_flags(args, [
+        ("--delta", args.delta is None or args.ckpt is None, "pass --delta (a fine-tuned delta) or --ckpt (a whole model), not both"),
+        ("--delta", args.delta is None or os.path.isfile(args.delta), "no such file: pass the delta.safetensors a run of train.py wrote"),
+        ("--base", args.base is None or args.ckpt is None, "--base is where the base of a --delta is; a --ckpt is a whole model: drop --base"),
+        ("--base", args.base in (None, "scratch") or published(args.base) or os.path.exists(args.base),
+         "no such file: pass the base checkpoint the delta was trained from"),
+        ("--ckpt", args.ckpt is None or published(args.ckpt) or os.path.exists(args.ckpt),
+         "no such file: pass a run's model.safetensors, a published DiT .pt or a diffusers DiT folder"),
+        ("--vae", args.vae in ("ema", "mse") or os.path.exists(args.vae), "no such file: use ema, mse or the path of an SD VAE file"),
+        ("--classes", args.classes is None or all(c.strip().isdigit() for c in args.classes.split(",")), "expected class ids like 0,1,2"),
+        ("--classes", args.classes is None or not sets, "FID sample sets and banks cover every class in turn: drop --classes"),
+        ("--per-class", args.per_class >= 1, "draw at least 1 sample per class"),
+        ("--per-class", args.per_class == 1 or not sets, "FID sample sets and banks are sized by their count: drop --per-class"),
+        ("--cfg-scale", math.isfinite(args.cfg_scale) and args.cfg_scale >= 0, "use a finite guidance scale >= 0 (1: none; pictures: 4.0; FID: 1.5)"),
+        ("--seed", 0 <= args.seed < 2**32, "use a seed in 0 .. 2^32 - 1"),
+        ("--num-fid-samples", args.num_fid_samples >= 0, "use 0 (a grid) or the number of samples to write"),
+        ("--num-bank-samples", args.num_bank_samples >= 0, "use 0 (a grid) or the number of samples to write"),
+        ("--num-bank-samples", not (args.num_fid_samples and args.num_bank_samples),
+         "cannot go with --num-fid-samples: one run writes one set; drop one of them"),
+        ("--fid-dir", args.fid_dir is None or args.num_fid_samples, "only FID sample sets go there: add --num-fid-samples, or drop --fid-dir"),
+        ("--out", args.out is None or not args.num_fid_samples, "FID samples go to a folder: pass --fid-dir instead"),
+        ("--out", args.out is None or args.out.endswith(".npy" if args.num_bank_samples else ".png"),
+         "a bank is an .npy file: end the name in .npy" if args.num_bank_samples else "the grid is a PNG: end the name in .png"),
+        ("--batch-size", args.batch_size >= 1, "use at least 1 sample per forward pass"),
+    ])
+    try:
+        make_diffusion(args.sampler, args.steps)
+    except ValueError as e:
+        raise ValueError(f"--steps {args.steps} (--sampler {args.sampler}): {e}") from None
+    out = output(args, args.ckpt or args.delta or latest_delta(args.results_dir))
+    flag = "--fid-dir" if args.num_fid_samples else "--out"
+    why = unwritable(out if args.num_fid_samples else os.path.dirname(os.path.abspath(out)))
+    if why or (os.path.isdir(out) and not args.num_fid_samples):
+        raise ValueError(f"{flag} {out}: {why or 'a folder, not a file name'}; pass a {flag} you can write to")
+
 def load(args):
-    """The model to sample from, and the folder its outputs go next to."""
+    """The model to sample from, and the file it came from."""
     if args.ckpt:
-        model, _, _ = load_model(args.ckpt, raw_config(args.model, args.image_size))
-        return model, os.path.dirname(args.ckpt) or "."
+        return load_model(args.ckpt, raw_config(args.model, args.image_size))[0], args.ckpt
     path = args.delta or latest_delta(args.results_dir)
-    model, _ = difffit.load(path, base=args.base)
-    return model, os.path.dirname(path)
+    return difffit.load(path, base=args.base)[0], path
 
 @torch.no_grad()
 def generate(model, diffusion, labels, cfg_scale, seed=0, sampler="ddpm", guide_channels=3, progress=False):
@@ -164,7 +217,8 @@ def write_bank(model, diffusion, args, out, rank, world):
         print(f"wrote {n} samples to {out} {tuple(arr.shape)}")
 
 def main(args):
-    # Setup: torchrun shares an FID sample set or a bank over ranks; a grid is one process.
+    # Every flag first, then setup: torchrun shares an FID sample set or a bank over ranks; a grid is one process.
+    check_args(args)
     ddp = "RANK" in os.environ
     if ddp:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -174,9 +228,9 @@ def main(args):
         torch.cuda.set_device(device)  # one GPU per rank, also for NCCL's barrier
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32: >3x faster sampling on A100 (DiT #25)
 
-    # The respaced diffusion first (a bad --steps fails before anything loads), then the model and the VAE.
+    # The respaced diffusion, the model and the VAE.
     diffusion = make_diffusion(args.sampler, args.steps)
-    model, out_dir = load(args)
+    model, src = load(args)
     model = model.to(device).eval()
     vae = load_vae(args.vae).to(device).eval() if model.in_channels == 4 else None
     bf16 = bf16_chosen(args.precision, device)
@@ -184,12 +238,11 @@ def main(args):
         print(f"--precision {args.precision}: {'bf16 autocast' if bf16 else 'fp32'} on {device}", flush=True)
 
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        setting = f"{args.sampler}{args.steps}-cfg{args.cfg_scale}-seed{args.seed}"
+        out = output(args, src)
         if args.num_fid_samples:
-            fid_dir = args.fid_dir or os.path.join(out_dir, f"fid-{args.num_fid_samples}-{setting}")
-            write_fid_samples(model, diffusion, args, vae, fid_dir, rank, world)
+            write_fid_samples(model, diffusion, args, vae, out, rank, world)
         elif args.num_bank_samples:  # labels are balanced over the base's classes; train.py gives them the null label
-            write_bank(model, diffusion, args, args.out or os.path.join(out_dir, f"bank-{args.num_bank_samples}-{setting}.npy"), rank, world)
+            write_bank(model, diffusion, args, out, rank, world)
         elif rank == 0:
             classes = [int(c) for c in args.classes.split(",")] if args.classes else list(range(model.num_classes))
             bad = [c for c in classes if not 0 <= c < model.num_classes]
@@ -197,7 +250,7 @@ def main(args):
                 raise ValueError(f"--classes {bad} out of range: this model has classes 0..{model.num_classes - 1}")
             labels = [c for c in classes for _ in range(args.per_class)]
             x = generate(model, diffusion, labels, args.cfg_scale, args.seed, args.sampler, None if args.guide_all_channels else 3, progress=True)
-            out = args.out or os.path.join(out_dir, "sample.png")
+            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
             save_grid(to_images(x, vae), out, nrow=max(8, args.per_class) if args.per_class > 1 else 8)
             print(f"wrote {out} ({len(labels)} samples, {args.sampler} {args.steps} steps, cfg {args.cfg_scale}, seed {args.seed})")
     if ddp:
@@ -206,6 +259,5 @@ def main(args):
 if __name__ == "__main__":
     try:
         main(parser.parse_args())
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except (ValueError, OSError) as e:  # bad input, or a folder that cannot be written: one line, exit code 2
+        die(str(e))

@@ -19,6 +19,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -33,7 +34,8 @@ import difffit
 import fid
 import prepare
 from diffusion import create_diffusion
-from models import VAE_SCALE, DiT_models, atomic_write, bf16_chosen, load_file, load_model, load_vae, raw_config, save_model
+from models import (VAE_SCALE, DiT_models, atomic_write, bf16_chosen, check_flags, load_arrays, load_file, load_model, load_vae, published,
+                    raw_config, save_model, unwritable)
 from prepare import DATASETS
 from sample import generate, save_grid, to_images
 
@@ -93,9 +95,11 @@ def print0(*a):
         print(*a, flush=True)
 
 def die(msg):
-    """Bad input: one clear line and a non-zero exit."""
+    """Bad input or a failed run: one `error:` line and exit code 2, as in every script here."""
     print(f"error: {msg}", file=sys.stderr, flush=True)
     sys.exit(2)
+
+parser.error = lambda msg: die(f"{msg} (see --help)")  # argparse's own complaints as one line too, without the usage block
 
 def git_info():
     run = lambda *cmd: subprocess.run(cmd, capture_output=True, text=True, cwd=difffit.ROOT).stdout.strip()
@@ -104,49 +108,138 @@ def git_info():
     except OSError:
         return "unknown"
 
-def resolve_args(args):
+def parse_blocks(text):
+    """--gamma-blocks '0-13' or '5' -> [0, ..., 13] or [5]; None stays None (difffit's default, the first half)."""
+    if text is None:
+        return None
+    a, _, b = text.partition("-")
+    if not (a.isdigit() and (b or a).isdigit()):
+        raise ValueError(f"--gamma-blocks {text}: expected a block range like 0-13 or one block like 5")
+    if int(b or a) < int(a):
+        raise ValueError(f"--gamma-blocks {text}: an empty range: put the first block first ({b}-{a})")
+    return list(range(int(a), int(b or a) + 1))
+
+def check_args(args, world=1):
+    """Every flag, before anything is loaded, downloaded or created; main runs it on the flags as given, then on the
+    settings that a resumed run or the dataset's defaults fill in. Raises ValueError('--flag value: why; what to do')."""
+    toy = DATASETS.get(args.data, {}).get("toy", False)
+    finite = lambda v: v is None or math.isfinite(v)
+    given = lambda k: getattr(args, k) != parser.get_default(k)
+    gbs, accum = args.global_batch_size, max(args.grad_accum, 1)
+    batch = gbs // (world * accum) if gbs else None  # per rank and micro-step
+    new_run = args.resume in (None, "latest")  # a new folder goes into --results-dir; a resumed run writes in its own
+    out = unwritable(args.results_dir if new_run else args.resume)
+    parse_blocks(args.gamma_blocks)
+    only_difffit = "only --method difffit has γ: drop the flag, or use --method difffit"
+    only_dt = "only Diff-Tuning uses it: add --diff-tuning BANK, or drop the flag"
+    check_flags(args, [
+        # data and model
+        ("--data", args.data in DATASETS or os.path.isdir(args.data), f"not a dataset ({', '.join(DATASETS)}) nor an image folder <class>/<image>"),
+        ("--image-size", args.image_size is None or not toy or args.image_size == 32, "the toy data is 32x32 pixels: drop --image-size"),
+        ("--image-size", args.image_size is None or toy or (args.image_size >= 8 and args.image_size % 8 == 0),
+         "the VAE needs a positive multiple of 8 (the paper: 256, or 512 in §4.3)"),
+        ("--no-cache", not (toy and args.no_cache), "the toy data is made in memory and has no cache: drop --no-cache"),
+        ("--vae", not (toy and given("vae")), "the toy data is pixels, no VAE encodes it: drop --vae"),
+        ("--vae", toy or args.vae in ("ema", "mse") or os.path.exists(args.vae), "no such file: use ema, mse or the path of an SD VAE file"),
+        ("--num-workers", args.num_workers >= 0, "use 0 (decode in the training process) or more"),
+        ("--ckpt", args.ckpt in (None, "scratch") or published(args.ckpt) or os.path.exists(args.ckpt),
+         "no such file: pass a base checkpoint, a published name (DiT-XL-2-256x256.pt) or 'scratch'"),
+        # difffit and Diff-Tuning
+        ("--gamma-blocks", args.gamma_blocks is None or args.method == "difffit", only_difffit),
+        ("--no-gamma-qkv", not args.no_gamma_qkv or args.method == "difffit", only_difffit),
+        ("--no-gamma-final", not args.no_gamma_final or args.method == "difffit", only_difffit),
+        ("--diff-tuning", args.diff_tuning is None or os.path.isfile(args.diff_tuning),
+         "no such bank: write one from the base with sample.py --num-bank-samples"),
+        ("--bank-fraction", 0 <= args.bank_fraction < 1, "a share of each batch, in [0, 1) (Diff-Tuning: 0.2)"),
+        ("--bank-fraction", args.diff_tuning or not given("bank_fraction"), only_dt),
+        ("--bank-fraction", not args.diff_tuning or not batch or args.bank_fraction == 0 or int(args.bank_fraction * batch) > 0,
+         f"of a per-rank batch of {batch} gives 0 bank samples: use a larger fraction or --global-batch-size"),
+        ("--bank-weight", finite(args.bank_weight) and args.bank_weight >= 0, "a finite weight >= 0 (Diff-Tuning: 0.1)"),
+        ("--bank-weight", args.diff_tuning or not given("bank_weight"), only_dt),
+        ("--tau", finite(args.tau) and args.tau >= 0, "a finite exponent >= 0 (Diff-Tuning: 1; 0: uniform t)"),
+        ("--tau", args.diff_tuning or not given("tau"), only_dt),
+        # optimization
+        ("--max-steps", args.max_steps is None or args.max_steps >= 1, "train at least 1 step"),
+        ("--global-batch-size", gbs is None or gbs >= 1, "use at least 1 image per step"),
+        ("--grad-accum", args.grad_accum >= 1, "use at least 1 micro-batch per step"),
+        ("--global-batch-size", not gbs or gbs % (world * accum) == 0,
+         f"is not divisible by {world} ranks x --grad-accum {args.grad_accum}: use a multiple of {world * accum}"),
+        ("--lr", args.lr is None or (finite(args.lr) and args.lr > 0), "use a positive, finite learning rate (default: 1e-3, full fine-tuning 1e-4)"),
+        ("--ema-decay", args.ema_decay is None or 0 <= args.ema_decay < 1, "use a decay in [0, 1) (the paper: 0.9999; at 1 the EMA never leaves the base)"),
+        ("--seed", 0 <= args.seed < 2**32, "use a seed in 0 .. 2^32 - 1"),
+        # logging/checkpointing
+        ("--results-dir", not new_run or out is None, f"{out}: pass a --results-dir you can write to"),
+        ("--resume", new_run or os.path.isdir(args.resume), "not a run folder: pass results/NNN-<data>-<method> (the folder of its ckpt.pt) or 'latest'"),
+        ("--resume", new_run or out is None, f"{out}: the run cannot write there"),
+        ("--log-every", args.log_every >= 1, "log every N >= 1 steps"),
+        ("--ckpt-every", args.ckpt_every >= 1, "checkpoint every N >= 1 steps"),
+        ("--sample-every", args.sample_every >= 0, "use 0 (one grid at the end) or a number of steps"),
+        ("--sample-steps", 2 <= args.sample_steps <= 1000, "the sample grids take 2 .. 1000 DDPM steps"),
+        ("--cfg-scale", finite(args.cfg_scale) and args.cfg_scale >= 0, "use a finite guidance scale >= 0 (1: none; the grids of the paper: 4.0)"),
+        ("--eval-per-class", args.eval_per_class >= 0, "use 0 (off) or the samples per class of the toy measure"),
+    ])
+
+def runs(results_dir):
+    """(number, folder) of the runs NNN-<name> in results_dir, by number."""
+    names = os.listdir(results_dir) if os.path.isdir(results_dir) else []
+    return sorted((int(d.split("-")[0]), os.path.join(results_dir, d)) for d in names if "-" in d and d.split("-")[0].isdigit())
+
+def resolve_args(args, world=1):
     """(args, dataset info, checkpoint or None): a resumed run takes its own arguments, the rest default by dataset."""
     ckpt = None
     if args.resume:
         run_dir = args.resume
-        if run_dir == "latest":
-            runs = sorted(glob.glob(os.path.join(args.results_dir, "[0-9][0-9][0-9]-*")))
-            run_dir = runs[-1] if runs else die(f"--resume latest: there are no runs in {args.results_dir}")
-        if not os.path.exists(os.path.join(run_dir, "ckpt.pt")):
-            die(f"--resume {run_dir}: no ckpt.pt there (runs write one every --ckpt-every steps)")
-        ckpt = load_file(os.path.join(run_dir, "ckpt.pt"), "checkpoint")
-        # the run's own arguments, over today's defaults (a flag added since the checkpoint keeps its default)
-        args = argparse.Namespace(**{**vars(parser.parse_args([])), **ckpt["args"], "resume": run_dir,
-                                     "max_steps": args.max_steps or ckpt["args"]["max_steps"]})
-    if args.data not in DATASETS and not os.path.isdir(args.data):
-        die(f"--data {args.data}: not a dataset ({', '.join(DATASETS)}) nor an image folder")
-    info = DATASETS.get(args.data) or dict(classes=len([d for d in os.scandir(args.data) if d.is_dir() and not d.name.startswith(".")]))
-    toy = info.get("toy", False)
+        if run_dir == "latest":  # the newest run that can be resumed; one killed before its first checkpoint cannot
+            done = [d for _, d in runs(args.results_dir) if os.path.exists(os.path.join(d, "ckpt.pt"))]
+            if not done:
+                raise FileNotFoundError(f"--resume latest: no run in {args.results_dir} has a checkpoint (ckpt.pt) to resume from")
+            run_dir = done[-1]
+        path = os.path.join(run_dir, "ckpt.pt")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"--resume {run_dir}: no ckpt.pt there (runs write one every --ckpt-every steps)")
+        ckpt = load_file(path, "checkpoint")
+        if not (isinstance(ckpt, dict) and {"delta", "ema", "opt", "step", "rng", "args"} <= ckpt.keys()):
+            raise ValueError(f"checkpoint {path}: not a checkpoint of train.py (it lacks the delta, optimizer, step and args)")
+        # the run continues with its own arguments, over today's defaults (a flag added since the checkpoint keeps its
+        # default): a flag given now must agree with them, except the ones a resumed run may change
+        defaults = vars(parser.parse_args([]))
+        own = {**defaults, **ckpt["args"]}
+        fixed = [k for k in defaults if k not in ("resume", "results_dir", "max_steps", "ckpt")]
+        check_flags(args, [(f"--{k.replace('_', '-')}", getattr(args, k) in (defaults[k], own[k]),
+                            f"--resume continues the run with its own setting ({own[k]}): drop the flag, or start a new run") for k in fixed])
+        check_flags(args, [
+            ("--max-steps", args.max_steps is None or args.max_steps >= ckpt["step"], f"the run is at step {ckpt['step']} already: pass more steps"),
+            ("--resume", len(ckpt["rng"]) == world, f"the run trained on {len(ckpt['rng'])} ranks: resume it on as many (exact resume)"),
+        ])
+        # its base: where --ckpt says it is now, or where the delta says (not the path as typed, which was relative to another folder)
+        base = args.ckpt or difffit.base_path(ckpt["delta"]["base"])
+        args = argparse.Namespace(**{**own, "resume": run_dir, "max_steps": args.max_steps or own["max_steps"], "ckpt": base})
+        if base != "scratch" and not published(base) and not os.path.exists(base):
+            raise FileNotFoundError(f"--resume {run_dir}: its base {base} is missing: pass --ckpt with where it is now")
+    toy = DATASETS.get(args.data, {}).get("toy", False)
     for k, v in (TOY if toy else PAPER).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    if not toy and args.image_size % 8:
-        die(f"--image-size {args.image_size}: the VAE needs a multiple of 8")
-    args.lr = args.lr or (1e-4 if args.method == "full" else 1e-3)  # Table 4d: PEFT is best at 10x DiT's 1e-4
+    if args.lr is None:
+        args.lr = 1e-4 if args.method == "full" else 1e-3  # Table 4d: PEFT is best at 10x DiT's 1e-4
     args.ckpt = args.ckpt or (TOY_BASE if args.data == "toy" else "scratch" if toy else "DiT-XL-2-256x256.pt")
+    check_args(args, world)  # again, on what the run will really use
+    info = DATASETS.get(args.data) or dict(classes=len([d for d in os.scandir(args.data) if d.is_dir() and not d.name.startswith(".")]))
     return args, info, ckpt
 
 def create_model(args, info, ckpt):
     """(model, config, spec): the base loaded strictly with the method's surgery done, or a resumed run's model."""
     if ckpt is not None:
-        model, delta = difffit.load(ckpt["delta"])
+        model, delta = difffit.load(ckpt["delta"], base=args.ckpt)  # its base where it is now (resolve_args)
         return model, delta["config"], delta["spec"]
     if info.get("toy"):  # pixel space; the toy base's architecture
         config = dict(input_size=32, patch_size=4, in_channels=3, hidden_size=128, depth=6, num_heads=4, num_classes=8)
     else:  # latent space; used for 'scratch' and for raw published checkpoints, which carry no config
         config = raw_config(args.model, args.image_size)
     model, config, base_grid = load_model(args.ckpt, config, input_size=config["input_size"])
-    gamma_blocks = None
-    if args.gamma_blocks:  # "0-13" or "5"
-        a, _, b = args.gamma_blocks.partition("-")
-        if not (a.isdigit() and (b or a).isdigit()):
-            die(f"--gamma-blocks {args.gamma_blocks}: expected a block range like 0-13 or one block like 5")
-        gamma_blocks = list(range(int(a), int(b or a) + 1))
+    gamma_blocks = parse_blocks(args.gamma_blocks)
+    if gamma_blocks and gamma_blocks[-1] >= model.depth:
+        raise ValueError(f"--gamma-blocks {args.gamma_blocks}: this DiT has blocks 0-{model.depth - 1}")
     new_labels = args.ckpt != "scratch" and not info.get("imagenet_labels")  # fresh class rows (difffit.py)
     base_grid = base_grid if args.ckpt != "scratch" and not args.no_pos_trick else None  # the §4.3 trick from a smaller grid
     spec = difffit.make_spec(model, args.method, info["classes"], gamma_blocks, not args.no_gamma_qkv, not args.no_gamma_final,
@@ -201,8 +294,7 @@ def claim_run_dir(results_dir, name):
     runs started at once never share one, and gaps in the numbers (deleted runs) are no problem."""
     os.makedirs(results_dir, exist_ok=True)
     while True:
-        taken = [int(d[:3]) for d in os.listdir(results_dir) if d[:3].isdigit() and d[3:4] == "-"]
-        run_dir = os.path.join(results_dir, f"{max(taken, default=-1) + 1:03d}-{name}")
+        run_dir = os.path.join(results_dir, f"{max((n for n, _ in runs(results_dir)), default=-1) + 1:03d}-{name}")
         try:
             os.mkdir(run_dir)
             return run_dir
@@ -221,8 +313,23 @@ def open_run(args, ckpt):
             os.remove(f)
         for name, size in ckpt.get("logs", {}).items():
             with open(os.path.join(run_dir, name), "a") as f:
-                f.truncate(size)
+                if f.tell() > size:  # (never longer: truncate would pad a shorter file with zeros)
+                    f.truncate(size)
     return run_dir, open(os.path.join(run_dir, "log.txt"), "a"), open(os.path.join(run_dir, "metrics.csv"), "a", newline="")
+
+def close_run(run_dir, log, metrics_file):
+    """Close the logs. A folder without a checkpoint holds nothing to resume, so a run that fails before its first one
+    leaves no folder behind."""
+    log.close()
+    metrics_file.close()
+    if not os.path.exists(os.path.join(run_dir, "ckpt.pt")):
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+def left(run_dir, saved):
+    """What a failed run leaves behind (close_run): its last checkpoint, or nothing."""
+    if saved is None:
+        return "no checkpoint had been written, so the run folder is removed"
+    return f"the previous checkpoint {os.path.join(run_dir, 'ckpt.pt')} (step {saved}) is intact"
 
 def rng_states(ddp, world, trained, step, device):
     """Every rank's RNG states (for exact resume); under DDP also a cheap check that the replicas are still identical."""
@@ -276,15 +383,19 @@ def sample_timesteps(n, T, tau, towards="noise", device="cpu"):
     w = torch.arange(1, T + 1, dtype=torch.float32, device=device) ** tau  # (t + 1)^τ for t = 0 .. T-1
     return torch.multinomial(w if towards == "noise" else w.flip(0), n, replacement=True)
 
-def bank_batches(path, n, start, model, rank, world, seed, device):
+def open_bank(path, model):
+    """The bank as a read-only memory map (read a batch at a time), checked: float32 samples (N, C, H, W) of this model."""
+    bank = load_arrays(path, "--diff-tuning bank", mmap=True)
+    want = (model.in_channels, model.input_size, model.input_size)
+    if not isinstance(bank, np.ndarray) or bank.dtype != np.float32 or bank.shape[1:] != want or not len(bank):
+        what = f"{bank.dtype} {bank.shape}" if isinstance(bank, np.ndarray) else "an .npz archive"
+        raise ValueError(f"--diff-tuning {path}: holds {what}, not float32 samples (N, {', '.join(map(str, want))}) of this model: "
+                         "write the bank from this base with sample.py --num-bank-samples")
+    return bank
+
+def bank_batches(bank, n, start, rank, world, seed, device):
     """n bank samples per rank and micro-step from `start` on: its own seeded stream of epochs; no flips, the samples
     are the base's own distribution."""
-    if not os.path.exists(path):
-        die(f"--diff-tuning {path}: no such bank; write one from the base with sample.py --num-bank-samples")
-    bank = np.load(path, mmap_mode="r", allow_pickle=False)  # float32 (N, C, H, W), read a batch at a time
-    if bank.shape[1:] != (model.in_channels, model.input_size, model.input_size):
-        die(f"--diff-tuning {path}: its samples are {bank.shape[1:]}, this model takes "
-            f"{(model.in_channels, model.input_size, model.input_size)}; sample the bank from this base")
     print0(f"Diff-Tuning: {n} samples per rank and micro-step from the bank ({len(bank):,} samples)")
     for i in itertools.count(start):
         idx = batch_indices(i, len(bank), n, rank, world, seed + 1)
@@ -339,26 +450,25 @@ def toy_measure(model, params, args, info, bf16, what, run_dir, step, log0):
 # -----------------------------------------------------------------------------
 
 def main(args):
-    # Setup DDP: torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; plain python is one process.
-    ddp = "RANK" in os.environ
+    # Settings first, so bad input fails before a download, a run folder or a step: every flag checked, a resumed run's
+    # own settings or these with defaults by dataset (checked again); the batch per rank and micro-step.
+    ddp = "RANK" in os.environ  # torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; plain python is one process
+    world = int(os.environ.get("WORLD_SIZE", 1)) if ddp else 1
+    check_args(args, world)
+    args, info, ckpt = resolve_args(args, world)
+    toy = info.get("toy", False)
+    batch = args.global_batch_size // (world * args.grad_accum)
+    n_bank = int(args.bank_fraction * batch) if args.diff_tuning else 0  # Diff-Tuning: 0.2 x 32 -> 6 bank + 26 data
+
+    # Setup DDP.
     if ddp:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    rank = dist.get_rank() if ddp else 0
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 on Ampere+: 0.51 -> 0.81 it/s for DiT (DiT #22)
     torch.backends.cudnn.allow_tf32 = True
-
-    # Settings: a resumed run's own, or these with defaults by dataset; the batch per rank and micro-step.
-    args, info, ckpt = resolve_args(args)
-    toy = info.get("toy", False)
-    if args.global_batch_size % (world * args.grad_accum):
-        die(f"--global-batch-size {args.global_batch_size} is not divisible by {world} ranks x --grad-accum {args.grad_accum}")
-    batch = args.global_batch_size // (world * args.grad_accum)
-    n_bank = int(args.bank_fraction * batch) if args.diff_tuning else 0  # Diff-Tuning: 0.2 x 32 -> 6 bank + 26 data
-    if args.diff_tuning and not (0 <= args.bank_fraction < 1 and (n_bank or args.bank_fraction == 0)):
-        die(f"--bank-fraction {args.bank_fraction} of a per-rank batch of {batch} gives {n_bank} bank samples: use a fraction in (0, 1) and a larger batch")
     torch.manual_seed(args.seed * world + rank)
     bf16 = bf16_chosen(args.precision, device)
 
@@ -389,105 +499,113 @@ def main(args):
         prepare.encode_cache(args.data, args.data_dir, "train", args.image_size, vae, args.vae, rank=rank, world=world, device=device, bf16=bf16)
     data = batches(args, info, batch - n_bank, step * args.grad_accum, vae, bf16, rank, world, device)
     if args.diff_tuning:  # Diff-Tuning: the knowledge bank
-        bank = bank_batches(args.diff_tuning, n_bank, step * args.grad_accum, model, rank, world, args.seed, device)
+        bank = bank_batches(open_bank(args.diff_tuning, model), n_bank, step * args.grad_accum, rank, world, args.seed, device)
 
-    # Run folder, log file, metrics CSV (rank 0; the other ranks learn the folder's name).
+    # Run folder, log file, metrics CSV (rank 0; the other ranks learn the folder's name). From here on a failure leaves
+    # the folder only if it holds a checkpoint to resume from (close_run).
     run_dir, log, metrics_file = open_run(args, ckpt) if rank == 0 else (None, None, None)
     if ddp:
         box = [run_dir]
         dist.broadcast_object_list(box, src=0)
         run_dir = box[0]
-    metrics = csv.writer(metrics_file) if rank == 0 else None
-    def log0(msg):
-        print0(msg)
-        if log:
-            log.write(msg + "\n")
-            log.flush()
-    n_trained = sum(p.numel() for p in trained.values())
-    n_total = sum(p.numel() for n, p in model.named_parameters() if n != "pos_embed")
-    log0(f"args: {json.dumps(vars(args))}")
-    log0(f"git {git_info()} | torch {torch.__version__} | {world} x {device} | --precision {args.precision}: {'bf16 autocast' if bf16 else 'fp32'}")
-    log0(f"{args.method}: {n_trained:,} of {n_total:,} parameters train ({100 * n_trained / n_total:.3f}%) | {run_dir}")
-    if metrics and step == 0:
-        metrics.writerow(["step", "loss", "lr", "img_per_s"])
-        metrics_file.flush()
-    measure = rank == 0 and toy and args.eval_per_class and args.ckpt != "scratch"
-    if measure and step == 0:
-        toy_measure(model, {}, args, info, bf16, "base", run_dir, step, log0)
+    saved = ckpt["step"] if ckpt else None  # the step of the checkpoint in run_dir
+    try:
+        metrics = csv.writer(metrics_file) if rank == 0 else None
+        def log0(msg):
+            print0(msg)
+            if log:
+                log.write(msg + "\n")
+                log.flush()
+        n_trained = sum(p.numel() for p in trained.values())
+        n_total = sum(p.numel() for n, p in model.named_parameters() if n != "pos_embed")
+        log0(f"args: {json.dumps(vars(args))}")
+        log0(f"git {git_info()} | torch {torch.__version__} | {world} x {device} | --precision {args.precision}: {'bf16 autocast' if bf16 else 'fp32'}")
+        log0(f"{args.method}: {n_trained:,} of {n_total:,} parameters train ({100 * n_trained / n_total:.3f}%) | {run_dir}")
+        if metrics and step == 0:
+            metrics.writerow(["step", "loss", "lr", "img_per_s"])
+            metrics_file.flush()
+        measure = rank == 0 and toy and args.eval_per_class and args.ckpt != "scratch"
+        if measure and step == 0:
+            toy_measure(model, {}, args, info, bf16, "base", run_dir, step, log0)
 
-    # Train: one optimizer step = grad_accum micro-batches on every rank.
-    model.train()  # enables label dropout, so the unconditional branch keeps training (CFG)
-    running, t0, since = torch.zeros((), device=device), time.time(), step
-    bar = tqdm(total=args.max_steps, initial=step, unit="step", disable=rank != 0 or not sys.stderr.isatty())  # terminals only
-    while step < args.max_steps:
-        for micro in range(args.grad_accum):
-            x, y = next(data)
-            n = len(x)  # batch - n_bank, or fewer if --no-cache dropped unreadable images
-            if args.diff_tuning:  # Diff-Tuning: one batch [data; bank], data t towards the noise end, the bank's towards the data end
-                t = sample_timesteps(n, diffusion.num_timesteps, args.tau, "noise", device)
-                if n_bank:
-                    x, y = torch.cat([x, next(bank)]), torch.cat([y, torch.full((n_bank,), model.num_classes, device=device)])
-                    t = torch.cat([t, sample_timesteps(n_bank, diffusion.num_timesteps, args.tau, "data", device)])
-            else:
-                t = torch.randint(0, diffusion.num_timesteps, (n,), device=device)  # t uniform, as DiT
-            last = micro == args.grad_accum - 1
-            with (train_model.no_sync() if ddp and not last else contextlib.nullcontext()), \
-                    torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                losses = diffusion.training_losses(train_model, x, t, dict(y=y))["loss"]  # (n + n_bank,)
-                loss = losses[:n].mean() + (args.bank_weight * losses[n:].mean() if n_bank else 0)  # Diff-Tuning: the bank's term
-            (loss / args.grad_accum).backward()
-            running += loss.detach() / args.grad_accum
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        with torch.no_grad():  # ema += (1 - decay)(p - ema), one fused kernel for all tensors
-            torch._foreach_lerp_([ema[k] for k in trained], [p.detach() for p in trained.values()], 1 - args.ema_decay)
-        step += 1
-        bar.update()
+        # Train: one optimizer step = grad_accum micro-batches on every rank.
+        model.train()  # enables label dropout, so the unconditional branch keeps training (CFG)
+        running, t0, since = torch.zeros((), device=device), time.time(), step
+        bar = tqdm(total=args.max_steps, initial=step, unit="step", disable=rank != 0 or not sys.stderr.isatty())  # terminals only
+        while step < args.max_steps:
+            for micro in range(args.grad_accum):
+                x, y = next(data)
+                n = len(x)  # batch - n_bank, or fewer if --no-cache dropped unreadable images
+                if args.diff_tuning:  # Diff-Tuning: one batch [data; bank], data t towards the noise end, the bank's towards the data end
+                    t = sample_timesteps(n, diffusion.num_timesteps, args.tau, "noise", device)
+                    if n_bank:
+                        x, y = torch.cat([x, next(bank)]), torch.cat([y, torch.full((n_bank,), model.num_classes, device=device)])
+                        t = torch.cat([t, sample_timesteps(n_bank, diffusion.num_timesteps, args.tau, "data", device)])
+                else:
+                    t = torch.randint(0, diffusion.num_timesteps, (n,), device=device)  # t uniform, as DiT
+                last = micro == args.grad_accum - 1
+                with (train_model.no_sync() if ddp and not last else contextlib.nullcontext()), \
+                        torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    losses = diffusion.training_losses(train_model, x, t, dict(y=y))["loss"]  # (n + n_bank,)
+                    loss = losses[:n].mean() + (args.bank_weight * losses[n:].mean() if n_bank else 0)  # Diff-Tuning: the bank's term
+                (loss / args.grad_accum).backward()
+                running += loss.detach() / args.grad_accum
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            with torch.no_grad():  # ema += (1 - decay)(p - ema), one fused kernel for all tensors
+                torch._foreach_lerp_([ema[k] for k in trained], [p.detach() for p in trained.values()], 1 - args.ema_decay)
+            step += 1
+            bar.update()
 
-        # Once in a while: log (the loss all-reduced over ranks), check it is finite, checkpoint, sample.
-        if step % args.log_every == 0 or step % args.ckpt_every == 0 or step == args.max_steps:
-            if ddp:
-                dist.all_reduce(running)
-            loss_avg = running.item() / world / (step - since)
-            if not math.isfinite(loss_avg):  # checked before any checkpoint, so the last one stays good
-                die(f"loss is {loss_avg} at step {step}; stopped without saving: the last good checkpoint is "
-                    f"{os.path.join(run_dir, 'ckpt.pt')} (lower --lr or use --precision fp32)")
-            dt = time.time() - t0
-            lr = opt.param_groups[0]["lr"]
-            mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0
-            ips = (step - since) * args.global_batch_size / dt
-            log0(f"step {step:6d}/{args.max_steps} | loss {loss_avg:.4f} | lr {lr:.1e} | {(step - since) / dt:.2f} steps/s | {ips:.1f} img/s"
-                 + (f" | {mem:.1f} GB" if mem else ""))
-            if metrics:
-                metrics.writerow([step, f"{loss_avg:.6f}", lr, f"{ips:.2f}"])
-                metrics_file.flush()
-            running.zero_()
-            t0, since = time.time(), step
-        if step % args.ckpt_every == 0 or step == args.max_steps:
-            rngs = rng_states(ddp, world, trained, step, device)
-            if rank == 0:
-                delta = difffit.make_delta(trained, spec, config, difffit.base_ref(args.ckpt))
-                save_checkpoint(os.path.join(run_dir, "ckpt.pt"), delta, ema, opt, step, rngs, args, (log, metrics_file))
-            if ddp:
-                dist.barrier()
-                log0(f"step {step}: {world} replicas in sync, checkpoint saved")
-        if args.sample_every and step % args.sample_every == 0 and rank == 0:
-            save_samples(model, ema, args, info["classes"], vae, bf16, os.path.join(run_dir, f"samples-{step:07d}.png"))
-    bar.close()
+            # Once in a while: log (the loss all-reduced over ranks), check it is finite, checkpoint, sample.
+            if step % args.log_every == 0 or step % args.ckpt_every == 0 or step == args.max_steps:
+                if ddp:
+                    dist.all_reduce(running)
+                loss_avg = running.item() / world / (step - since)
+                if not math.isfinite(loss_avg):  # checked before any checkpoint, so the last one stays good
+                    die(f"loss is {loss_avg} at step {step}; stopped without saving: {left(run_dir, saved)} (lower --lr or use --precision fp32)")
+                dt = time.time() - t0
+                lr = opt.param_groups[0]["lr"]
+                mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0
+                ips = (step - since) * args.global_batch_size / dt
+                log0(f"step {step:6d}/{args.max_steps} | loss {loss_avg:.4f} | lr {lr:.1e} | {(step - since) / dt:.2f} steps/s | {ips:.1f} img/s"
+                     + (f" | {mem:.1f} GB" if mem else ""))
+                if metrics:
+                    metrics.writerow([step, f"{loss_avg:.6f}", lr, f"{ips:.2f}"])
+                    metrics_file.flush()
+                running.zero_()
+                t0, since = time.time(), step
+            if step % args.ckpt_every == 0 or step == args.max_steps:
+                rngs = rng_states(ddp, world, trained, step, device)
+                if rank == 0:
+                    delta = difffit.make_delta(trained, spec, config, difffit.base_ref(args.ckpt))
+                    save_checkpoint(os.path.join(run_dir, "ckpt.pt"), delta, ema, opt, step, rngs, args, (log, metrics_file))
+                saved = step
+                if ddp:
+                    dist.barrier()
+                    log0(f"step {step}: {world} replicas in sync, checkpoint saved")
+            if args.sample_every and step % args.sample_every == 0 and rank == 0:
+                save_samples(model, ema, args, info["classes"], vae, bf16, os.path.join(run_dir, f"samples-{step:07d}.png"))
+        bar.close()
 
-    # The results (rank 0): the delta (EMA of the trained tensors), the merged plain DiT, a grid of EMA samples.
-    if rank == 0:
-        delta = difffit.make_delta(ema, spec, config, difffit.base_ref(args.ckpt))
-        difffit.save_delta(os.path.join(run_dir, "delta.safetensors"), delta)
-        wrote = f"{run_dir}/delta.safetensors ({os.path.getsize(os.path.join(run_dir, 'delta.safetensors')) / 1e6:.2f} MB)"
-        if args.method in difffit.MERGEABLE:  # adapters and prompts are modules a plain DiT lacks: delta only
-            merged, _ = difffit.load(delta)  # base + delta in fp32, from the files, as sample.py loads them
-            save_model(os.path.join(run_dir, "model.safetensors"), difffit.merge(merged), {**config, "num_classes": spec["num_classes"]})
-            wrote += f" and {run_dir}/model.safetensors (merged)"
-        log0(f"wrote {wrote}")
-        save_samples(model, ema, args, info["classes"], vae, bf16, os.path.join(run_dir, "samples.png"))
-        if measure:
-            toy_measure(model, ema, args, info, bf16, "ema", run_dir, step, log0)
+        # The results (rank 0): the delta (EMA of the trained tensors), the merged plain DiT, a grid of EMA samples.
+        if rank == 0:
+            delta = difffit.make_delta(ema, spec, config, difffit.base_ref(args.ckpt))
+            difffit.save_delta(os.path.join(run_dir, "delta.safetensors"), delta)
+            wrote = f"{run_dir}/delta.safetensors ({os.path.getsize(os.path.join(run_dir, 'delta.safetensors')) / 1e6:.2f} MB)"
+            if args.method in difffit.MERGEABLE:  # adapters and prompts are modules a plain DiT lacks: delta only
+                merged, _ = difffit.load(delta)  # base + delta in fp32, from the files, as sample.py loads them
+                save_model(os.path.join(run_dir, "model.safetensors"), difffit.merge(merged), {**config, "num_classes": spec["num_classes"]})
+                wrote += f" and {run_dir}/model.safetensors (merged)"
+            log0(f"wrote {wrote}")
+            save_samples(model, ema, args, info["classes"], vae, bf16, os.path.join(run_dir, "samples.png"))
+            if measure:
+                toy_measure(model, ema, args, info, bf16, "ema", run_dir, step, log0)
+    except OSError as e:  # a full disk, say: one line, not a traceback from inside torch.save (atomic_write kept the old file)
+        die(f"could not write in {run_dir} ({e.strerror or e}); {left(run_dir, saved)}" + (f": --resume {run_dir} when there is room" if saved else ""))
+    finally:  # also after a crash, Ctrl-C or a NaN
+        if rank == 0:
+            close_run(run_dir, log, metrics_file)
     if ddp:
         dist.destroy_process_group()
     return run_dir
@@ -495,5 +613,5 @@ def main(args):
 if __name__ == "__main__":
     try:
         main(parser.parse_args())
-    except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, non-zero exit
+    except (ValueError, OSError) as e:  # bad input, or a folder that cannot be written: one line, exit code 2
         die(str(e))

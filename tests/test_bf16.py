@@ -17,21 +17,6 @@ import fid
 import models
 import sample
 import train
-from models import DiT, save_model
-
-TINY = dict(input_size=32, patch_size=8, in_channels=3, hidden_size=32, depth=2, num_heads=2, num_classes=8)
-
-@pytest.fixture
-def base(tmp_path):
-    torch.manual_seed(0)
-    model = DiT(**TINY)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n != "pos_embed":
-                p.normal_(0, 0.05)
-    path = str(tmp_path / "base.safetensors")
-    save_model(path, model.state_dict(), TINY)
-    return path
 
 def run(tmp_path, base, *extra):
     args = train.parser.parse_args(["--ckpt", base, "--results-dir", str(tmp_path / "results"), "--global-batch-size", "4",

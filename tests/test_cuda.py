@@ -14,23 +14,9 @@ import difffit
 import fid
 import sample
 import train
-from models import DiT, load_model, save_model
+from models import load_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-TINY = dict(input_size=32, patch_size=4, in_channels=3, hidden_size=64, depth=2, num_heads=2, num_classes=8)
-
-@pytest.fixture
-def base(tmp_path):
-    torch.manual_seed(0)
-    model = DiT(**TINY)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n != "pos_embed":
-                p.normal_(0, 0.05)
-    path = str(tmp_path / "base.safetensors")
-    save_model(path, model.state_dict(), TINY)
-    return path
 
 def test_training_on_cuda_picks_bf16_and_its_delta_loads_on_cpu(tmp_path, base):
     run_dir = train.main(train.parser.parse_args(["--ckpt", base, "--results-dir", str(tmp_path), "--global-batch-size", "8",

@@ -75,7 +75,7 @@ def test_stock_diffusers_timestep_features_are_not_dits(diffusers, tmp_path):
     x, t, y = inputs(10)
     out = theirs(x, timestep=t, class_labels=torch.where(y == 10, 1000, y)).sample
     ours = model(x, t, y)
-    assert torch.equal(out[0], ours[0]) and rel_err(out[5], ours[5]) > 1e-3
+    assert rel_err(out[0], ours[0]) < 1e-6 and rel_err(out[5], ours[5]) > 1e-3  # t = 0: equal up to rounding
 
 @pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "bin"])
 @torch.no_grad()
