@@ -30,6 +30,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import difffit
+import files
 import models
 from diffusion import GaussianDiffusion, create_diffusion
 from models import DiT_models
@@ -215,7 +216,7 @@ def check_args(args):
                 make_diffusion(*m.groups())
             except ValueError as e:
                 raise ValueError(f"{flag} {s}: {e}") from None
-    models.check_flags(args, [
+    files.check_flags(args, [
         ("--image-size", args.image_size >= 8 and args.image_size % 8 == 0, "the latents are /8: use a positive multiple of 8 (256)"),
         ("--batch-size", args.batch_size >= 1, "use at least 1 image per step"),
         ("--num-classes", args.num_classes >= 1, "use at least 1 class"),
@@ -299,7 +300,7 @@ def main(args):
     # % peak is against the matmul peak of the row's precision.
     print(f"median of {args.rounds} rounds x {reps} {'sampling calls' if args.what == 'sample' else 'steps'} after {args.warmup} warm-up; "
           f"matmul peak (2048², timed in the same rounds): " + ", ".join(f"{v:.3f} TFLOP/s {'bf16' if 'bf16' in k else 'fp32'}" for k, v in peak.items()))
-    unit = f"s/call" if args.what == "sample" else "s/step"
+    unit = "s/call" if args.what == "sample" else "s/step"
     print(f"{'row':<22} {unit:>8} {'img/s':>8} {'vs ref':>7} {'vs full':>8} {'TFLOP/s':>8} {'% peak':>7}")
     for row in rows:
         tf = flops[row] / dt[row] / 1e12

@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models import (DiT_models, check_flags, get_2d_sincos_pos_embed, load_file, load_model, published, unwritable, write_diffusers_dit,
-                    write_safetensors)
+from files import check_flags, load_file, published, unwritable, write_safetensors
+from models import DiT_models, get_2d_sincos_pos_embed, load_model, write_diffusers_dit
 
 # -----------------------------------------------------------------------------
 # modules the comparison methods add (Table 1). Each takes over the frozen tensors of the module it replaces

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from models import atomic_write, check_flags, download, load_arrays, load_file, unwritable
+from files import atomic_write, check_flags, download, load_arrays, load_file, unwritable
 from prepare import DATASETS, IMAGE_EXTENSIONS, open_dataset
 
 # -----------------------------------------------------------------------------

@@ -35,7 +35,8 @@ import torchvision
 from PIL import Image
 from tqdm import tqdm
 
-from models import VAE_SCALE, atomic_write, bf16_chosen, check_flags, load_vae, unwritable
+from files import atomic_write, check_flags, unwritable
+from models import VAE_SCALE, bf16_chosen, load_vae
 
 # -----------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description="Encode a dataset once into a memory-mapped VAE latent cache (python or torchrun).")

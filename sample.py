@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 import difffit
 from diffusion import create_diffusion
-from models import VAE_SCALE, DiT_models, atomic_write, bf16_chosen, check_flags, load_model, load_vae, published, raw_config, unwritable
+from files import atomic_write, check_flags, published, unwritable
+from models import VAE_SCALE, DiT_models, bf16_chosen, load_model, load_vae, raw_config
 
 parser = argparse.ArgumentParser(description="Sample a DiT (base + DiffFit delta, or a full checkpoint) with CFG.")
 # what to sample from

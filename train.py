@@ -34,8 +34,8 @@ import difffit
 import fid
 import prepare
 from diffusion import create_diffusion
-from models import (VAE_SCALE, DiT_models, atomic_write, bf16_chosen, check_flags, load_arrays, load_file, load_model, load_vae, published,
-                    raw_config, save_model, unwritable)
+from files import atomic_write, check_flags, load_arrays, load_file, published, unwritable
+from models import VAE_SCALE, DiT_models, bf16_chosen, load_model, load_vae, raw_config, save_model
 from prepare import DATASETS
 from sample import generate, save_grid, to_images
 

@@ -14,6 +14,7 @@ import threading
 import pytest
 import torch
 
+import files
 import models
 from models import DiT, DiT_models, read_diffusers_dit, write_diffusers_dit
 
@@ -170,9 +171,9 @@ def test_config_weight_disagreement_is_refused(tmp_path):
 def test_differing_embedder_copies_are_refused(tmp_path):
     write_diffusers_dit(tiny().state_dict(), TINY, str(tmp_path))
     path = str(tmp_path / "diffusion_pytorch_model.safetensors")
-    sd, meta = models.read_safetensors(path)
+    sd, meta = files.read_safetensors(path)
     sd["transformer_blocks.1.norm1.emb.timestep_embedder.linear_2.bias"] += 1e-3
-    models.write_safetensors(path, sd, meta)
+    files.write_safetensors(path, sd, meta)
     with pytest.raises(ValueError, match=f"^{tmp_path}: the per-block copies of norm1.emb.timestep_embedder.linear_2.bias differ "
                                          r"\(transformer_blocks.1.* is not block 0's\)"):
         read_diffusers_dit(str(tmp_path))
@@ -231,24 +232,24 @@ def serving(files):
 
 def test_pinned_entry_refuses_a_wrong_file_and_leaves_nothing(tmp_path, monkeypatch):
     name = "sd-vae-ft-mse.safetensors"
-    url, sha = models.PRETRAINED[name]
+    url, sha = files.PRETRAINED[name]
     assert sha == "a1d993488569e928462932c8c38a0760b874d166399b14414135bd9c42df5815"
     with serving({"/" + name: b"not the VAE" * 1000}) as server:
-        monkeypatch.setattr(models, "PRETRAINED", {name: (server + "/" + name, sha)})
-        monkeypatch.setattr(models, "PRETRAINED_DIR", str(tmp_path))
+        monkeypatch.setattr(files, "PRETRAINED", {name: (server + "/" + name, sha)})
+        monkeypatch.setattr(files, "PRETRAINED_DIR", str(tmp_path))
         with pytest.raises(ValueError, match="SHA-256 .* is not the expected a1d993488569e928...; download deleted"):
-            models.pretrained_file(name)
+            files.pretrained_file(name)
     assert os.listdir(tmp_path) == []  # no file, no temp file, no recorded hash
 
 def test_hub_name_is_downloaded_once_then_read_offline(tmp_path, monkeypatch):
     model = tiny()
     write_diffusers_dit(model.state_dict(), TINY, str(tmp_path / "repo"))
     hub = "/facebook/DiT-XL-2-256/resolve/main/transformer/"
-    files = {hub + f: (tmp_path / "repo" / f).read_bytes() for f in ("config.json", "diffusion_pytorch_model.safetensors")}
-    monkeypatch.setattr(models, "PRETRAINED_DIR", str(tmp_path / "pretrained"))
-    with serving(files) as server:  # the hub's URLs, served from loopback
-        monkeypatch.setattr(models, "PRETRAINED", {k: (url.replace("https://huggingface.co", server), sha)
-                                                   for k, (url, sha) in models.PRETRAINED.items()})
+    served = {hub + f: (tmp_path / "repo" / f).read_bytes() for f in ("config.json", "diffusion_pytorch_model.safetensors")}
+    monkeypatch.setattr(files, "PRETRAINED_DIR", str(tmp_path / "pretrained"))
+    with serving(served) as server:  # the hub's URLs, served from loopback
+        monkeypatch.setattr(files, "PRETRAINED", {k: (url.replace("https://huggingface.co", server), sha)
+                                                   for k, (url, sha) in files.PRETRAINED.items()})
         sd, config = read_diffusers_dit("facebook/DiT-XL-2-256")
     sd2, _ = read_diffusers_dit("facebook/DiT-XL-2-256")  # server gone: the downloaded folder is read
     assert config == dict(TINY, learn_sigma=True, class_dropout_prob=0.1)

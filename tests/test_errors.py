@@ -26,7 +26,7 @@ from PIL import Image
 
 import difffit
 import fid
-import models
+import files as files_py  # the module; `files` is the fixture of handed-in files below
 import train
 from conftest import ROOT, TINY  # and the fixture `base`: a tiny base checkpoint
 from models import DiT, save_model
@@ -296,8 +296,8 @@ def test_bad_input_gives_one_error_line_and_writes_nothing(command, needle, file
     monkeypatch.chdir(tmp_path)  # relative paths (results/, data/, pretrained/) land where they are watched
     monkeypatch.delenv("RANK", raising=False)
     non_root_access(monkeypatch)
-    monkeypatch.setattr(models, "PRETRAINED_DIR", "pretrained")
-    monkeypatch.setitem(models.PRETRAINED, "sd-vae-ft-ema.safetensors", ("http://127.0.0.1:1/vae", None))  # no case may download
+    monkeypatch.setattr(files_py, "PRETRAINED_DIR", "pretrained")
+    monkeypatch.setitem(files_py.PRETRAINED, "sd-vae-ft-ema.safetensors", ("http://127.0.0.1:1/vae", None))  # no case may download
     before = tree(tmp_path, os.path.dirname(files["bank"]))
     monkeypatch.setattr(sys, "argv", [script, *argv])
     try:
@@ -315,11 +315,11 @@ def test_the_table_covers_at_least_60_kinds_in_every_script():
 def test_a_vae_that_cannot_be_downloaded_says_where_to_put_it_and_leaves_no_folder(files, tmp_path, monkeypatch, capsys):
     """prepare.py's good 'put the file at ...' line, as one line (it came at the end of a traceback)."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(models, "PRETRAINED_DIR", str(tmp_path / "pretrained"))
+    monkeypatch.setattr(files_py, "PRETRAINED_DIR", str(tmp_path / "pretrained"))
     with socket.socket() as s:  # offline: a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    monkeypatch.setitem(models.PRETRAINED, "sd-vae-ft-ema.safetensors", (f"http://127.0.0.1:{port}/vae", None))
+    monkeypatch.setitem(files_py.PRETRAINED, "sd-vae-ft-ema.safetensors", (f"http://127.0.0.1:{port}/vae", None))
     monkeypatch.setattr(sys, "argv", ["prepare.py", "--data", files["imgs"], "--data-dir", str(tmp_path / "data")])
     with pytest.raises(SystemExit) as e:
         runpy.run_path(os.path.join(ROOT, "prepare.py"), run_name="__main__")

@@ -11,7 +11,6 @@ import http.server
 import os
 import re
 import socket
-import sys
 import threading
 
 import numpy as np
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import fid
+import files
 
 # -----------------------------------------------------------------------------
 # fixtures: random Inception weights in the published layout, our net and pytorch-fid's
@@ -258,16 +258,16 @@ def test_download_is_atomic_and_checked(tmp_path):
     target = tmp_path / "w" / "weights.pth"
     with server() as url:
         with pytest.raises(ValueError, match="is not the expected"):  # checksum mismatch: nothing kept
-            fid.download(url + "/ok", str(target), sha256="0" * 64)
+            files.download(url + "/ok", str(target), sha256="0" * 64)
         assert not target.parent.exists()  # nor the folder the download made
         with pytest.raises(FileNotFoundError, match=f"could not download weights.pth from {url}/cut .*put the file at {target}"):
-            fid.download(url + "/cut", str(target))  # interrupted transfer: nothing half-written
+            files.download(url + "/cut", str(target))  # interrupted transfer: nothing half-written
         assert not target.parent.exists()  # nor the folder the download made
-        fid.download(url + "/ok", str(target), sha256=digest[:8])  # a prefix, as in torch.hub file names
+        files.download(url + "/ok", str(target), sha256=digest[:8])  # a prefix, as in torch.hub file names
         assert target.read_bytes() == PAYLOAD
     with socket.socket() as s:  # offline: a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(FileNotFoundError, match=f"could not download x.pth from http://127.0.0.1:{port}/x.pth .*put the file at"):
-        fid.download(f"http://127.0.0.1:{port}/x.pth", str(tmp_path / "x.pth"))
+        files.download(f"http://127.0.0.1:{port}/x.pth", str(tmp_path / "x.pth"))
     assert not (tmp_path / "x.pth").exists()

@@ -236,8 +236,8 @@ def test_mismatched_checkpoint_raises_one_readable_line(golden):
 # loading: published files, this repo's checkpoints, another resolution, pickled code
 
 def test_published_file_hash_is_recorded_then_enforced(tmp_path, monkeypatch):
-    import contextlib, http.server, threading
-    import models
+    import http.server, threading
+    import files
     payload = {"body": b"weights v1" * 1000}
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
@@ -251,14 +251,14 @@ def test_published_file_hash_is_recorded_then_enforced(tmp_path, monkeypatch):
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{httpd.server_address[1]}/w.pt"
-        monkeypatch.setattr(models, "PRETRAINED", {"w.pt": (url, None)})
-        monkeypatch.setattr(models, "PRETRAINED_DIR", str(tmp_path))
-        path = models.pretrained_file("w.pt")  # first download: the hash is recorded beside it
+        monkeypatch.setattr(files, "PRETRAINED", {"w.pt": (url, None)})
+        monkeypatch.setattr(files, "PRETRAINED_DIR", str(tmp_path))
+        path = files.pretrained_file("w.pt")  # first download: the hash is recorded beside it
         assert open(path, "rb").read() == payload["body"] and (tmp_path / "w.pt.sha256").exists()
         os.remove(path)
         payload["body"] = b"tampered!!" * 1000  # the server now serves other bytes: refused, nothing kept
         with pytest.raises(ValueError, match="is not the expected"):
-            models.pretrained_file("w.pt")
+            files.pretrained_file("w.pt")
         assert sorted(os.listdir(tmp_path)) == ["w.pt.sha256"]
     finally:
         httpd.shutdown()

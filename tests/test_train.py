@@ -15,7 +15,8 @@ import sample
 import train
 import models
 from conftest import ROOT, TINY  # and the fixture `base`: a tiny base checkpoint
-from models import DiT, atomic_write
+from files import atomic_write
+from models import DiT
 
 def load_model(path):
     return models.load_model(path)[0]
