@@ -97,8 +97,9 @@ def test_training_table_in_bf16_on_any_cpu(tiny, capsys):
     rows = table(out)
     assert list(rows) == ["ref full", "ref difffit", "full", "difffit", "full bf16", "difffit bf16"]
     assert "TFLOP/s bf16" in out.splitlines()[1]
-    assert float(rows["difffit bf16"][4]) > 0  # its FLOPs were counted (on the meta device, where autocast does not run)
-    assert bench.train_flops("difffit bf16", tiny()) == bench.train_flops("difffit", tiny())  # same work in either precision
+    assert float(rows["difffit bf16"][5].rstrip("%")) >= 0  # a rate was printed (a tiny model on a CPU without bf16 rounds to 0.000)
+    flops = bench.train_flops("difffit bf16", tiny())  # counted on the meta device, where autocast does not run
+    assert flops > 0 and flops == bench.train_flops("difffit", tiny())  # same work in either precision
 
 def test_bf16_memory_child_reports_its_peak(tiny, capsys):
     bench.main(tiny("--child", "difffit bf16"))
