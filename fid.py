@@ -5,13 +5,14 @@ FID: Heusel et al. 2017, arXiv:1706.08500; the `clean` resize: Parmar et al. 202
     python fid.py samples/ --ref food101                          # a folder (or .npz) of samples vs a dataset
     python fid.py food101 --save-stats food101_clean.npz          # cache a reference's statistics once
     python fid.py samples.npz food101_clean.npz                   # any two of: folder, samples .npz, statistics .npz, dataset
-    python fid.py samples/ --ref toy --mode toy                   # the CPU toy: toy features, NOT comparable with published FIDs
+    python fid.py samples/ --ref toy --split test --mode toy      # the toy world: the toy judge's features, NOT comparable with FIDs
 
 Weights: pt_inception-2015-12-05-6726825d.pth from --weights, $FID_INCEPTION_WEIGHTS, the torch.hub cache, or --download.
 """
 import argparse
 import hashlib
 import os
+import re
 import sys
 import warnings
 
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+import toy
 from files import atomic_write, check_flags, download, load_arrays, load_file, unwritable
 from prepare import DATASETS, IMAGE_EXTENSIONS, open_dataset
 
@@ -32,11 +34,12 @@ parser = argparse.ArgumentParser(description="FID between any two of: image fold
 parser.add_argument("inputs", nargs="+", help="one or two of: an image folder (recursive), a samples .npz (arr_0: uint8 N,H,W,3), a statistics .npz, a dataset name")
 parser.add_argument("--ref", default=None, help="the reference to score against (same kinds as the inputs), e.g. food101")
 parser.add_argument("--split", default="train", help="split of a named dataset")
-parser.add_argument("--image-size", type=int, default=256, help="resolution a named dataset is centre-cropped to (toy: 32)")
+parser.add_argument("--image-size", type=int, default=256, help="resolution a named dataset is centre-cropped to (the toy's are their own)")
 parser.add_argument("--data-dir", default="data", help="where named datasets live (as for train.py)")
 parser.add_argument("--save-stats", default=None, metavar="OUT.npz", help="write the statistics of the one input to OUT.npz instead of scoring")
 # features
-parser.add_argument("--mode", default="clean", choices=["clean", "legacy_pytorch", "toy"], help="clean: clean-fid's antialiased resize; legacy_pytorch: exactly pytorch-fid; toy: weight-free toy features, not comparable with published FIDs")
+parser.add_argument("--mode", default="clean", choices=["clean", "legacy_pytorch", "toy"],
+                    help="clean: clean-fid's antialiased resize; legacy_pytorch: exactly pytorch-fid; toy: the toy judge's features (toy.py), not comparable with published FIDs")
 parser.add_argument("--weights", default=None, help="path of pt_inception-2015-12-05-6726825d.pth (default: $FID_INCEPTION_WEIGHTS, then the torch.hub cache)")
 parser.add_argument("--download", action="store_true", help="download the Inception weights if they are not found")
 parser.add_argument("--allow-mode-mismatch", action="store_true", help="compare statistics made in different modes anyway")
@@ -182,26 +185,6 @@ def load_inception(weights=None, download_ok=False, device="cpu"):
     return net.eval().requires_grad_(False).to(device)
 
 # -----------------------------------------------------------------------------
-# toy features: a weight-free stand-in for the 32x32 toy data, NOT comparable with published FIDs. Measured on train.py's
-# toy data: two draws of one class 0.003, a texture swap 8x that, a shape swap 16x; toy vs toy-source domain 21.
-
-def toy_features(images):
-    """uint8 (N, H, W, 3) -> (N, 70) float64 toy features, NOT comparable with published FIDs: per-channel mean and std
-    (colour) and the spatial mean and std of the 16 channels of both layers of a fixed random conv net (texture, shape)."""
-    g = torch.Generator().manual_seed(0)  # fixed weights: the same features on every machine and run
-    ws = [torch.randn(16, c_in, 3, 3, generator=g) * (2 / (9 * c_in)) ** 0.5 for c_in in (3, 16)]  # He init keeps the scale
-    out = []
-    for i in range(0, len(images), 256):                       # chunks keep the activations small
-        x = torch.tensor(np.asarray(images[i:i + 256])).permute(0, 3, 1, 2).float() / 127.5 - 1  # (n, 3, H, W) in [-1, 1]
-        feats = [x.mean((2, 3)), x.std((2, 3))]
-        for w in ws:
-            x = F.relu(F.conv2d(x, w, padding=1))                # (n, 16, H, W), then (n, 16, H/2, W/2)
-            feats += [x.mean((2, 3)), x.std((2, 3))]
-            x = F.avg_pool2d(x, 2)
-        out.append(torch.cat(feats, 1).double().numpy())
-    return np.concatenate(out)
-
-# -----------------------------------------------------------------------------
 # images -> features
 
 def preprocess(img, mode):
@@ -261,7 +244,7 @@ def get_features(images, mode, net=None, batch_size=50, num_workers=0, device="c
             for x, bad in tqdm(loader, desc=f"features ({mode}, {len(loader.dataset)} images)", unit="batch", disable=not sys.stderr.isatty()):
                 skipped += bad
                 if x is not None:
-                    feats.append(toy_features(x) if mode == "toy" else net(x.to(device)).cpu().double().numpy())
+                    feats.append(toy.judge_features(x.numpy())[0] if mode == "toy" else net(x.to(device)).cpu().double().numpy())
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     if not feats:
@@ -363,6 +346,18 @@ def images_of(src, args):
         raise ValueError(f"{src}: not an image folder, a .npz or a dataset name")
     return open_dataset(src, args.data_dir, args.split, args.image_size)  # (uint8 (3, S, S) centre crop, label) items
 
+def toy_accuracy(images, domain):
+    """The toy judge's class accuracy on a sample set as sample.py writes one (sample i has class i mod K): a samples
+    array, or the folder of its PNGs 000000.png, ...; None for other inputs, whose classes are unknown."""
+    k = toy.DOMAINS[domain]["classes"]
+    if isinstance(images, np.ndarray):
+        return toy.accuracy(toy.judge_features(images)[1], np.arange(len(images)) % k, domain)
+    names = [os.path.basename(f) for f in images] if isinstance(images, list) else []
+    if not names or not all(re.fullmatch(r"\d+\.png", n) for n in names):
+        return None
+    arr = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in images])
+    return toy.accuracy(toy.judge_features(arr)[1], np.array([int(n[:-4]) % k for n in names]), domain)
+
 def check_args(args):
     """Every flag before anything is read or loaded: ValueError('--flag value: what is wrong; what to do')."""
     srcs = args.inputs + ([args.ref] if args.ref else [])
@@ -379,9 +374,10 @@ def check_args(args):
         ("--save-stats", args.save_stats is None or not os.path.exists(args.save_stats), "exists; not overwriting it: pass a new name"),
         ("--save-stats", out is None, f"{out}: pass a --save-stats you can write to"),
         ("--image-size", args.image_size >= 1, "use a positive resolution (256 as DiT samples)"),
-        ("--image-size", not toy_data or args.image_size in (32, parser.get_default("image_size")), "the toy data is 32x32 pixels: drop --image-size"),
-        ("--weights", args.weights is None or args.mode != "toy", "the toy mode uses no network: drop --weights"),
-        ("--download", not args.download or args.mode != "toy", "the toy mode uses no network: drop --download"),
+        ("--image-size", not toy_data or args.image_size == parser.get_default("image_size"), "the toy data comes in its own size: drop --image-size"),
+        ("--mode", not toy_data or args.mode == "toy", "the toy data is judged by the toy judge: use --mode toy"),
+        ("--weights", args.weights is None or args.mode != "toy", "the toy mode uses the shipped toy judge: drop --weights"),
+        ("--download", not args.download or args.mode != "toy", "the toy mode uses the shipped toy judge: drop --download"),
         ("--weights", args.weights is None or os.path.isfile(args.weights) or args.download,
          f"no such file: pass the path of {WEIGHTS_NAME}, or add --download to fetch it there"),
         ("--device", device is not None, "not a torch device: use cpu, cuda or cuda:N"),
@@ -396,7 +392,7 @@ def main(args):
     srcs = args.inputs + ([args.ref] if args.ref else [])
     images = [images_of(s, args) for s in srcs]
     if args.mode == "toy":
-        print("toy features: NOT comparable with published FIDs")
+        print(f"toy judge features ({toy.JUDGE_PATH}): NOT comparable with published FIDs")
 
     # Statistics: read the files, compute the rest (the network is loaded only if needed)
     net = load_inception(args.weights, args.download, args.device) if args.mode != "toy" and any(i is not None for i in images) else None
@@ -407,7 +403,7 @@ def main(args):
             continue
         feats = get_features(imgs, args.mode, net, args.batch_size, args.num_workers, args.device)
         meta = dict(mode=args.mode, num_images=len(feats), source=os.path.abspath(src) if os.path.exists(src) else f"{src} ({args.split})",
-                    weights=net.weights if net else "toy features (no weights)")
+                    weights=net.weights if net else "toy judge (toy.py)")
         stats.append((*statistics(feats), meta))
         print(f"{src}: {len(feats)} images")
 
@@ -419,6 +415,12 @@ def main(args):
     fid = compare(*stats, allow_mode_mismatch=args.allow_mode_mismatch)
     n1, n2 = (m.get("num_images", "?") for _, _, m in stats)
     print(f"FID {fid:.4f}  (N = {n1} vs {n2}, mode {stats[0][2]['mode']})")
+    domain = next((s for s in srcs if s in toy.DOMAINS), None)
+    for src, imgs in zip(srcs, images):  # the toy: the judge's head reads the classes of a sample set too
+        acc = toy_accuracy(imgs, domain) if args.mode == "toy" and domain and src != domain and imgs is not None else None
+        if acc is not None:
+            k = toy.DOMAINS[domain]["classes"]
+            print(f"{src}: toy judge class accuracy {acc:.1%} (sample i has class i mod {k}, as sample.py writes them; chance {1 / k:.1%})")
 
 if __name__ == "__main__":
     try:

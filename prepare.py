@@ -1,5 +1,5 @@
 """
-Datasets and the VAE latent cache: the toy domains of the offline default, the paper's eight datasets, ImageNet or
+Datasets and the VAE latent cache: the toy domains of the offline default (toy.py), the paper's eight datasets, ImageNet or
 any image folder, read with the reference
 (ADM) centre crop, and encoded once into a memory-mapped cache of VAE posteriors that training samples from.
 DiffFit: Xie et al. 2023, arXiv:2304.06648. DiT: Peebles & Xie 2022, arXiv:2212.09748.
@@ -7,6 +7,7 @@ DiffFit: Xie et al. 2023, arXiv:2304.06648. DiT: Peebles & Xie 2022, arXiv:2212.
     torchrun --nproc_per_node=8 prepare.py --data food101 --download   # fetch Food-101, encode its train split on 8 GPUs
     python prepare.py --data cub200                                     # one GPU (CPU works too: ~1 image/s at 256 px)
     python prepare.py --data path/to/folder --image-size 256            # any folder of <class>/<image> (cache in data/<folder>/)
+    python prepare.py --data toy --export toy-images                    # a toy domain's real images as PNG class folders
 
 torchvision fetches food101, sun397, caltech101 and flowers102 (--download). The others are image folders
 <data-dir>/<name>/<split>/<class>/<image> that you make once (the cache never reads them again):
@@ -23,7 +24,6 @@ import argparse
 import glob
 import hashlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -35,6 +35,7 @@ import torchvision
 from PIL import Image
 from tqdm import tqdm
 
+import toy
 from files import atomic_write, check_flags, unwritable
 from models import VAE_SCALE, bf16_chosen, load_vae
 
@@ -46,6 +47,7 @@ parser.add_argument("--data-dir", default="data", help="datasets live in <data-d
 parser.add_argument("--split", default="train", help="which split to encode")
 parser.add_argument("--image-size", type=int, default=256, choices=[256, 512], help="centre-crop resolution (paper: 256)")
 parser.add_argument("--download", action="store_true", help="let torchvision download the dataset if it is missing")
+parser.add_argument("--export", default=None, metavar="DIR", help="a toy domain: write its real images as DIR/{train,test}/<class>/<n>.png instead")
 # model
 parser.add_argument("--vae", default="ema", help="VAE given to models.load_vae (DiT: sd-vae-ft-ema; the encoders of ema and mse are the same)")
 # encoding
@@ -78,10 +80,11 @@ DATASETS = {
     # DF20-Mini: 182 classes = distinct class_id/scientificName in the DF20M metadata; the dataset authors' DF20M models have 182
     # outputs (huggingface.co/BVRA/legacy_seresnext101_32x4d.in1k_ft_df20m_299). Keeping only rows with a `species` value gives 179.
     "df20m":         dict(classes=182, how="link the DF20M images into class folders by the metadata CSVs (see the top of prepare.py)"),
-    "imagenet":      dict(classes=1000, imagenet_labels=True, how="unpack ILSVRC2012 into <class wnid>/ folders (see the top of prepare.py)"),
-    # the offline default: 32x32 RGB drawn by make_toy below, in memory, pixel space (no VAE)
-    "toy":           dict(classes=8, toy=True, size=32, how="generated on the fly"),  # the target domain
-    "toy-source":    dict(classes=8, toy=True, size=32, how="generated on the fly"),  # what assets/toy_base.pt learned
+    "imagenet":      dict(classes=1000, base_labels=True, how="unpack ILSVRC2012 into <class wnid>/ folders (see the top of prepare.py)"),
+    # the offline default: the toy world's RGB domains, drawn in memory by toy.py, pixel space (no VAE). base_labels: its
+    # classes are the base's own (toy-64 is the toy's ImageNet at 64x64), so the class table is kept, as for ImageNet.
+    **{name: dict(classes=d["classes"], toy=True, size=d["size"], base_labels=d["labels"] == "toy-source", how="drawn by toy.py")
+       for name, d in toy.DOMAINS.items()},
 }
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")  # matched case-insensitively
 CROP_VERSION = "adm-center-crop-1"  # bump when the pixels fed to the VAE change: every cache becomes stale
@@ -145,7 +148,7 @@ def open_dataset(name, root, split="train", image_size=256, download=False):
     """A Dataset of (uint8 (3, S, S) centre crop, label), unflipped (training flips), sorted by path."""
     info = DATASETS.get(name)
     if info is not None and info.get("toy"):
-        images, labels = load_toy(name, split)
+        images, labels = toy.load(name, split)
         return torch.utils.data.TensorDataset(images.permute(0, 3, 1, 2), labels)
     if info is None and not os.path.isdir(name):
         raise FileNotFoundError(f"{name!r} is neither a dataset ({', '.join(DATASETS)}) nor an image folder")
@@ -174,49 +177,6 @@ def open_dataset(name, root, split="train", image_size=256, download=False):
     if info is not None and len(classes) != info["classes"]:
         raise ValueError(f"{name}: found {len(classes)} classes under {base}, expected {info['classes']}: is it prepared as the top of prepare.py says?")
     return ImageDataset(sorted((str(p), int(y)) for p, y in samples), list(classes), image_size, base)
-
-# -----------------------------------------------------------------------------
-# the toy domain: class-conditional 32x32 RGB images drawn procedurally, offline, in a second
-
-def make_toy(variant, n_per_class, seed=0):
-    """uint8 images (N, 32, 32, 3) and labels (N,) of the 'source' or the 'target' domain (8 classes each).
-
-    source: a flat cool-coloured shape (disk, square, triangle, ring) or a texture (stripes, checker,
-    ripples, dots) on a light background. target: a shape filled with a texture (4 shapes x stripes or
-    checker), warm colours on a dark background: new classes, new look, parts the source model knows."""
-    g = torch.Generator().manual_seed(2 * seed + (variant == "target"))
-    u = lambda *shape: torch.rand(*shape, generator=g)
-    n = 8 * n_per_class
-    y = torch.arange(8).repeat_interleave(n_per_class)
-    yy, xx = torch.meshgrid(torch.arange(32.0) + 0.5, torch.arange(32.0) + 0.5, indexing="ij")
-    cy, cx, s = 10 + 12 * u(n, 1, 1), 10 + 12 * u(n, 1, 1), 6 + 4 * u(n, 1, 1)  # centre and size
-    th, f = math.pi * u(n, 1, 1), 2 * math.pi / (4 + 3 * u(n, 1, 1))            # angle and frequency
-    dy, dx = yy - cy, xx - cx                                                   # (n, 32, 32)
-    ry, rx = dy * th.cos() - dx * th.sin(), dy * th.sin() + dx * th.cos()       # rotated frame
-    radius = (dy**2 + dx**2).sqrt()
-    shapes = torch.stack([radius - s,                                           # signed distance, < 0 inside
-                          torch.maximum(rx.abs(), ry.abs()) - 0.8 * s,
-                          torch.maximum(ry - s / 2, 1.7 * rx.abs() - ry - s),
-                          (radius - s).abs() - 2])
-    textures = torch.stack([(f * rx).sin(), (f * rx).sin() * (f * ry).sin(),    # > 0 where the ink is
-                            (f * radius).sin(), (f * rx).cos() + (f * ry).cos() - 1])
-    i = torch.arange(n)
-    if variant == "source":
-        ink = torch.where((y < 4)[:, None, None], torch.sigmoid(-2 * shapes[y % 4, i]), torch.sigmoid(4 * textures[y % 4, i]))
-        fg = torch.stack([0.3 * u(n), 0.2 + 0.5 * u(n), 0.5 + 0.5 * u(n)], -1)  # blue..green
-        bg = (0.8 + 0.2 * u(n, 1)).expand(n, 3)                                  # light grey
-    else:
-        ink = torch.sigmoid(-2 * shapes[y // 2, i]) * torch.sigmoid(4 * textures[y % 2, i])
-        fg = torch.stack([0.7 + 0.3 * u(n), 0.2 + 0.5 * u(n), 0.1 * u(n)], -1)  # red..yellow
-        bg = 0.05 + 0.2 * u(n, 3)                                                # dark
-    img = ink[..., None] * fg[:, None, None] + (1 - ink[..., None]) * bg[:, None, None]
-    img = img + 0.02 * torch.randn(n, 32, 32, 3, generator=g)
-    return (img.clamp(0, 1) * 255).round().to(torch.uint8), y
-
-def load_toy(name, split="train"):
-    """The toy datasets in memory: uint8 images (N, 32, 32, 3) and labels (N,); 1000 (train) or 250 (test) per class."""
-    n, seed = (1000, 0) if split == "train" else (250, 1)
-    return make_toy("target" if name == "toy" else "source", n, seed)
 
 # -----------------------------------------------------------------------------
 # the latent cache: <dir>/cache-<split>-<S>-<vae>.{npy,labels.npy,json}
@@ -336,7 +296,10 @@ def check_args(args):
     info = DATASETS.get(args.data, {})
     out = unwritable(args.data_dir)
     check_flags(args, [
-        ("--data", not info.get("toy"), "nothing to encode: the toy data is pixels made in memory, train.py --data toy reads it as it is"),
+        ("--data", not info.get("toy") or args.export, "nothing to encode: the toy data is pixels made in memory (train.py reads it as it "
+                                                       "is); --export DIR writes its images"),
+        ("--export", not args.export or info.get("toy"), f"only the toy domains ({', '.join(toy.DOMAINS)}) are made here; real datasets are files already"),
+        ("--export", not args.export or unwritable(args.export) is None, f"{unwritable(args.export or '.')}: pass a folder you can write to"),
         ("--data", info or os.path.isdir(args.data), f"not a dataset ({', '.join(DATASETS)}) nor an image folder <class>/<image>"),
         ("--download", not args.download or "tv" in info,
          f"only torchvision's datasets download ({', '.join(k for k, v in DATASETS.items() if 'tv' in v)}): drop --download"),
@@ -359,6 +322,11 @@ def main(args):
 
     if rank == 0:
         print(vars(args), flush=True)
+    if args.export:  # a toy domain's real images, for the eye and for fid.py
+        if rank == 0:
+            toy.export(args.data, args.export)
+            print(f"wrote {args.export}/{{train,test}}/<class>/<n>.png: {args.data}, {toy.DOMAINS[args.data]['classes']} classes")
+        return
 
     # Find (or download, on rank 0 only) the dataset before loading the VAE, so a missing one fails fast.
     if rank == 0:

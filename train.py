@@ -14,6 +14,7 @@ The same script runs under `python` and `torchrun` (DDP is detected from the RAN
 import argparse
 import contextlib
 import csv
+import functools
 import glob
 import itertools
 import json
@@ -33,16 +34,16 @@ from tqdm import tqdm
 import difffit
 import fid
 import prepare
+import toy
 from diffusion import create_diffusion
 from files import atomic_write, check_flags, load_arrays, load_file, published, unwritable
 from models import VAE_SCALE, DiT_models, bf16_chosen, load_model, load_vae, raw_config, save_model
 from prepare import DATASETS
-from sample import generate, save_grid, to_images
+from sample import generate, make_diffusion, save_grid, to_images
 
 # Defaults that depend on the data: the paper's (§4.2) for real datasets, a few CPU minutes for the toy.
 PAPER = dict(max_steps=24_000, global_batch_size=256, ema_decay=0.9999, image_size=256)
-TOY = dict(max_steps=800, global_batch_size=32, ema_decay=0.99, image_size=32)
-TOY_BASE = os.path.join(difffit.ROOT, "assets", "toy_base.pt")  # the small base the offline default fine-tunes
+TOY = dict(max_steps=800, global_batch_size=32, ema_decay=0.99)  # the image size is the domain's (toy.DOMAINS)
 
 # -----------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description="DiffFit fine-tuning of a pretrained DiT (python or torchrun).")
@@ -83,9 +84,10 @@ parser.add_argument("--resume", default=None, help="a run folder, or 'latest', t
 parser.add_argument("--log-every", type=int, default=50, help="steps between log lines")
 parser.add_argument("--ckpt-every", type=int, default=500, help="steps between checkpoints")
 parser.add_argument("--sample-every", type=int, default=0, help="steps between EMA sample grids (0: at the end only)")
-parser.add_argument("--sample-steps", type=int, default=50, help="DDPM steps for the sample grids")
+parser.add_argument("--sampler", default="dpm++", choices=["ddpm", "ddim", "dpm++"], help="sampler of the grids and the toy measure (as sample.py)")
+parser.add_argument("--sample-steps", type=int, default=20, help="network calls per sample of the grids and the toy measure (as sample.py --steps)")
 parser.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale of the sample grids (paper: 4.0 for pictures)")
-parser.add_argument("--eval-per-class", type=int, default=16, help="toy data only: samples per class for the toy measure at start and end (0: off)")
+parser.add_argument("--eval-per-class", type=int, default=32, help="toy data only: samples per class for the toy measure at start and end (0: off)")
 
 # -----------------------------------------------------------------------------
 # helpers
@@ -122,7 +124,7 @@ def parse_blocks(text):
 def check_args(args, world=1):
     """Every flag, before anything is loaded, downloaded or created; main runs it on the flags as given, then on the
     settings that a resumed run or the dataset's defaults fill in. Raises ValueError('--flag value: why; what to do')."""
-    toy = DATASETS.get(args.data, {}).get("toy", False)
+    is_toy = DATASETS.get(args.data, {}).get("toy", False)
     finite = lambda v: v is None or math.isfinite(v)
     given = lambda k: getattr(args, k) != parser.get_default(k)
     gbs, accum = args.global_batch_size, max(args.grad_accum, 1)
@@ -135,12 +137,13 @@ def check_args(args, world=1):
     check_flags(args, [
         # data and model
         ("--data", args.data in DATASETS or os.path.isdir(args.data), f"not a dataset ({', '.join(DATASETS)}) nor an image folder <class>/<image>"),
-        ("--image-size", args.image_size is None or not toy or args.image_size == 32, "the toy data is 32x32 pixels: drop --image-size"),
-        ("--image-size", args.image_size is None or toy or (args.image_size >= 8 and args.image_size % 8 == 0),
+        ("--image-size", args.image_size is None or not is_toy or args.image_size == DATASETS[args.data]["size"],
+         f"the toy domain {args.data} is {DATASETS.get(args.data, {}).get('size')} pixels square: drop --image-size"),
+        ("--image-size", args.image_size is None or is_toy or (args.image_size >= 8 and args.image_size % 8 == 0),
          "the VAE needs a positive multiple of 8 (the paper: 256, or 512 in §4.3)"),
-        ("--no-cache", not (toy and args.no_cache), "the toy data is made in memory and has no cache: drop --no-cache"),
-        ("--vae", not (toy and given("vae")), "the toy data is pixels, no VAE encodes it: drop --vae"),
-        ("--vae", toy or args.vae in ("ema", "mse") or os.path.exists(args.vae), "no such file: use ema, mse or the path of an SD VAE file"),
+        ("--no-cache", not (is_toy and args.no_cache), "the toy data is made in memory and has no cache: drop --no-cache"),
+        ("--vae", not (is_toy and given("vae")), "the toy data is pixels, no VAE encodes it: drop --vae"),
+        ("--vae", is_toy or args.vae in ("ema", "mse") or os.path.exists(args.vae), "no such file: use ema, mse or the path of an SD VAE file"),
         ("--num-workers", args.num_workers >= 0, "use 0 (decode in the training process) or more"),
         ("--ckpt", args.ckpt in (None, "scratch") or published(args.ckpt) or os.path.exists(args.ckpt),
          "no such file: pass a base checkpoint, a published name (DiT-XL-2-256x256.pt) or 'scratch'"),
@@ -174,7 +177,7 @@ def check_args(args, world=1):
         ("--log-every", args.log_every >= 1, "log every N >= 1 steps"),
         ("--ckpt-every", args.ckpt_every >= 1, "checkpoint every N >= 1 steps"),
         ("--sample-every", args.sample_every >= 0, "use 0 (one grid at the end) or a number of steps"),
-        ("--sample-steps", 2 <= args.sample_steps <= 1000, "the sample grids take 2 .. 1000 DDPM steps"),
+        ("--sample-steps", 2 <= args.sample_steps <= 1000, "the sample grids take 2 .. 1000 steps"),
         ("--cfg-scale", finite(args.cfg_scale) and args.cfg_scale >= 0, "use a finite guidance scale >= 0 (1: none; the grids of the paper: 4.0)"),
         ("--eval-per-class", args.eval_per_class >= 0, "use 0 (off) or the samples per class of the toy measure"),
     ])
@@ -216,13 +219,16 @@ def resolve_args(args, world=1):
         args = argparse.Namespace(**{**own, "resume": run_dir, "max_steps": args.max_steps or own["max_steps"], "ckpt": base})
         if base != "scratch" and not published(base) and not os.path.exists(base):
             raise FileNotFoundError(f"--resume {run_dir}: its base {base} is missing: pass --ckpt with where it is now")
-    toy = DATASETS.get(args.data, {}).get("toy", False)
-    for k, v in (TOY if toy else PAPER).items():
+    is_toy = DATASETS.get(args.data, {}).get("toy", False)
+    for k, v in (TOY if is_toy else PAPER).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     if args.lr is None:
         args.lr = 1e-4 if args.method == "full" else 1e-3  # Table 4d: PEFT is best at 10x DiT's 1e-4
-    args.ckpt = args.ckpt or (TOY_BASE if args.data == "toy" else "scratch" if toy else "DiT-XL-2-256x256.pt")
+    if args.image_size is None:
+        args.image_size = DATASETS[args.data]["size"] if is_toy else PAPER["image_size"]
+    # the toy's base is shipped; the toy's ImageNet is what it was pretrained on (from scratch)
+    args.ckpt = args.ckpt or (("scratch" if args.data == "toy-source" else toy.BASE_PATH) if is_toy else "DiT-XL-2-256x256.pt")
     check_args(args, world)  # again, on what the run will really use
     info = DATASETS.get(args.data) or dict(classes=len([d for d in os.scandir(args.data) if d.is_dir() and not d.name.startswith(".")]))
     return args, info, ckpt
@@ -232,15 +238,15 @@ def create_model(args, info, ckpt):
     if ckpt is not None:
         model, delta = difffit.load(ckpt["delta"], base=args.ckpt)  # its base where it is now (resolve_args)
         return model, delta["config"], delta["spec"]
-    if info.get("toy"):  # pixel space; the toy base's architecture
-        config = dict(input_size=32, patch_size=4, in_channels=3, hidden_size=128, depth=6, num_heads=4, num_classes=8)
+    if info.get("toy"):  # pixel space; the toy base's architecture (used for --ckpt scratch, the base's pretraining)
+        config = dict(toy.BASE_CONFIG, input_size=args.image_size, num_classes=info["classes"])
     else:  # latent space; used for 'scratch' and for raw published checkpoints, which carry no config
         config = raw_config(args.model, args.image_size)
     model, config, base_grid = load_model(args.ckpt, config, input_size=config["input_size"])
     gamma_blocks = parse_blocks(args.gamma_blocks)
     if gamma_blocks and gamma_blocks[-1] >= model.depth:
         raise ValueError(f"--gamma-blocks {args.gamma_blocks}: this DiT has blocks 0-{model.depth - 1}")
-    new_labels = args.ckpt != "scratch" and not info.get("imagenet_labels")  # fresh class rows (difffit.py)
+    new_labels = args.ckpt != "scratch" and not info.get("base_labels")  # fresh class rows (difffit.py)
     base_grid = base_grid if args.ckpt != "scratch" and not args.no_pos_trick else None  # the §4.3 trick from a smaller grid
     spec = difffit.make_spec(model, args.method, info["classes"], gamma_blocks, not args.no_gamma_qkv, not args.no_gamma_final,
                              new_labels, base_grid)
@@ -268,8 +274,8 @@ def to_unit(x):
 def batches(args, info, n, start, vae, bf16, rank, world, device):
     """(x, y) of every micro-step from `start` on, n images per rank: pixels in [-1, 1] (the toy) or scaled VAE latents."""
     if info.get("toy"):  # in memory
-        images, labels = prepare.load_toy(args.data)
-        images = images.permute(0, 3, 1, 2)  # uint8 (N, 3, 32, 32)
+        images, labels = toy.load(args.data)
+        images = images.permute(0, 3, 1, 2)  # uint8 (N, 3, S, S)
         for i in itertools.count(start):
             idx = batch_indices(i, len(images), n, rank, world, args.seed)
             yield to_unit(images[idx].to(device)), labels[idx].to(device)
@@ -365,7 +371,8 @@ def save_samples(model, ema, args, num_classes, vae, bf16, path):
     """A grid of 16 EMA samples (the classes in turn), with the run's sampling settings."""
     model.eval()
     with swapped_in(model, ema), torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16, enabled=bf16):
-        x = generate(model, create_diffusion(str(args.sample_steps)), [i % num_classes for i in range(16)], args.cfg_scale)
+        x = generate(model, make_diffusion(args.sampler, str(args.sample_steps)), [i % num_classes for i in range(16)], args.cfg_scale,
+                     sampler=args.sampler)
         save_grid(to_images(x, vae), path)
     model.train()
 
@@ -402,50 +409,46 @@ def bank_batches(bank, n, start, rank, world, seed, device):
         yield torch.from_numpy(bank[idx.numpy()]).to(device)
 
 # -----------------------------------------------------------------------------
-# the toy measure: the CPU stand-in for FID, before and after training on toy data
+# the toy measure: the CPU stand-in for FID on the toy world (toy.py), before and after training. A fork that trains
+# on real data deletes this block and the lines marked "the toy" in main.
 
-def toy_probe(data):
-    """A linear classifier (logistic regression) on fid.py's toy features, fitted on the train split: it reads
-    the class of a toy image; its accuracy on the real test split is the ceiling for samples (~67% on 'toy')."""
-    images, labels = prepare.load_toy(data, "train")
-    f = torch.from_numpy(fid.toy_features(images.numpy())).float()
-    mu, sd = f.mean(0), f.std(0) + 1e-8
-    w = torch.zeros(f.shape[1] + 1, int(labels.max()) + 1, requires_grad=True)
-    x = torch.cat([(f - mu) / sd, torch.ones(len(f), 1)], 1)
-    opt = torch.optim.LBFGS([w], max_iter=200)
-    def loss():
-        opt.zero_grad()
-        out = torch.nn.functional.cross_entropy(x @ w, labels) + 1e-3 * w[:-1].square().sum()
-        out.backward()
-        return out
-    with torch.enable_grad(), torch.autocast("cpu", enabled=False):
-        opt.step(loss)
-    w = w.detach()
-    return lambda feats: (torch.cat([(torch.from_numpy(feats).float() - mu) / sd, torch.ones(len(feats), 1)], 1) @ w).argmax(1).numpy()
+@functools.lru_cache(maxsize=8)
+def toy_reference(domain, n):
+    """The judge's statistics of half the real test split (the reference), and the floor: the Fréchet distance of n
+    real test images of the other half to it, the same estimate a sample set of n images gets."""
+    images, labels = toy.load(domain, "test")  # classes interleaved: 0, 1, ..., K-1, 0, 1, ...
+    feats, logits = toy.judge_features(images)
+    half = (np.arange(len(labels)) // toy.DOMAINS[domain]["classes"]) % 2 == 0  # every other round of K: both halves hold every class
+    ref = fid.statistics(feats[~half])
+    return ref, fid.frechet_distance(*fid.statistics(feats[half][:n]), *ref), toy.accuracy(logits, labels, domain)
 
-@torch.no_grad()
-def toy_eval(model, data, n_per_class=16, steps=50, cfg_scale=4.0):
-    """How well a model draws a toy domain: the Fréchet distance of its samples to the test split under fid.py's
-    toy features (not comparable with published FIDs), and the accuracy of a linear probe (toy_probe) on them."""
-    ref, ref_y = prepare.load_toy(data, "test")
-    f_ref = fid.toy_features(ref.numpy())
-    probe = toy_probe(data)
-    labels = np.array([k for k in range(model.num_classes) for _ in range(n_per_class)])
-    f = fid.toy_features(to_images(generate(model, create_diffusion(str(steps)), labels.tolist(), cfg_scale)).numpy())
-    return dict(frechet_distance=fid.frechet_distance(*fid.statistics(f), *fid.statistics(f_ref)),
-                class_accuracy=float((probe(f) == labels).mean()), probe_accuracy_on_real=float((probe(f_ref) == ref_y.numpy()).mean()))
+def toy_measure(images, labels, domain):
+    """How well samples (uint8 (N, H, W, 3)) of `labels` draw a toy domain, under the judge (always fp32): the Fréchet
+    distance of their judge features to the real test split, its floor for N images, and the judge's accuracy on them."""
+    ref, floor, real_acc = toy_reference(domain, len(images))
+    feats, logits = toy.judge_features(images)
+    return dict(frechet_distance=fid.frechet_distance(*fid.statistics(feats), *ref), floor=floor,
+                accuracy=toy.accuracy(logits, labels, domain), real_accuracy=real_acc, n=len(images))
 
-def toy_measure(model, params, args, info, bf16, what, run_dir, step, log0):
-    """The toy measure of the model with `params` swapped in, logged and written to run_dir/toy_<what>.json."""
+def toy_eval(model, params, args, bf16, what, run_dir, step, log0):
+    """Sample eval_per_class images of every class from the model with `params` (the EMA) swapped in, measure them,
+    log the result and write run_dir/toy_<what>.json."""
     model.eval()
+    labels = list(range(model.num_classes)) * args.eval_per_class
     with swapped_in(model, params), torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16, enabled=bf16):
-        m = toy_eval(model, args.data, args.eval_per_class, args.sample_steps, args.cfg_scale)
+        x = generate(model, make_diffusion(args.sampler, str(args.sample_steps)), labels, args.cfg_scale, sampler=args.sampler)
     model.train()
-    log0(f"toy measure ({'the base, before training' if what == 'base' else 'EMA after training'}): "
-         f"Fréchet distance {m['frechet_distance']:.3f} (toy features) | class accuracy {m['class_accuracy']:.0%} "
-         f"(linear probe; chance {1 / info['classes']:.0%}, real test images {m['probe_accuracy_on_real']:.0%})")
-    with open(os.path.join(run_dir, f"toy_{what}.json"), "w") as f:
-        json.dump(dict(m, step=step), f)
+    images = to_images(x)
+    m = toy_measure(images, torch.tensor(labels), args.data)
+    atomic_write(os.path.join(run_dir, f"toy_{what}.npz"), lambda f: np.savez(f, samples=images, labels=np.array(labels)))
+    if what == "ema" and os.path.exists(os.path.join(run_dir, "toy_base.npz")):  # per class: real | base | trained, 4x
+        base = load_arrays(os.path.join(run_dir, "toy_base.npz"), "the base's samples", lambda f: (f["samples"], f["labels"]))
+        picture = toy.compare(args.data, [base, (images, labels)])
+        atomic_write(os.path.join(run_dir, "toy_compare.png"), lambda f: picture.save(f, format="PNG"))
+    log0(f"toy measure, {what} at step {step}: Fréchet distance {m['frechet_distance']:.2f} (floor {m['floor']:.2f}, {m['n']} images) | "
+         f"accuracy {m['accuracy']:.0%} (chance {1 / model.num_classes:.0%}, real test images {m['real_accuracy']:.0%}) | judge: toy.py")
+    atomic_write(os.path.join(run_dir, f"toy_{what}.json"), lambda f: f.write(json.dumps(dict(m, step=step)).encode()))
+    return m
 
 # -----------------------------------------------------------------------------
 
@@ -456,7 +459,7 @@ def main(args):
     world = int(os.environ.get("WORLD_SIZE", 1)) if ddp else 1
     check_args(args, world)
     args, info, ckpt = resolve_args(args, world)
-    toy = info.get("toy", False)
+    is_toy = info.get("toy", False)
     batch = args.global_batch_size // (world * args.grad_accum)
     n_bank = int(args.bank_fraction * batch) if args.diff_tuning else 0  # Diff-Tuning: 0.2 x 32 -> 6 bank + 26 data
 
@@ -494,8 +497,8 @@ def main(args):
         train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
 
     # Setup data: any micro-step's batch is a pure function of (seed, i) (batch_indices), so resume is exact.
-    vae = None if toy else load_vae(args.vae).to(device).eval()  # latents; also decodes the sample grids
-    if not toy and not args.no_cache:  # the VAE posteriors of both flips, encoded once (all ranks share the work)
+    vae = None if is_toy else load_vae(args.vae).to(device).eval()  # latents; also decodes the sample grids
+    if not is_toy and not args.no_cache:  # the VAE posteriors of both flips, encoded once (all ranks share the work)
         prepare.encode_cache(args.data, args.data_dir, "train", args.image_size, vae, args.vae, rank=rank, world=world, device=device, bf16=bf16)
     data = batches(args, info, batch - n_bank, step * args.grad_accum, vae, bf16, rank, world, device)
     if args.diff_tuning:  # Diff-Tuning: the knowledge bank
@@ -524,9 +527,9 @@ def main(args):
         if metrics and step == 0:
             metrics.writerow(["step", "loss", "lr", "img_per_s"])
             metrics_file.flush()
-        measure = rank == 0 and toy and args.eval_per_class and args.ckpt != "scratch"
+        measure = rank == 0 and is_toy and args.eval_per_class and args.ckpt != "scratch"  # the toy: the base is the ceiling
         if measure and step == 0:
-            toy_measure(model, {}, args, info, bf16, "base", run_dir, step, log0)
+            toy_eval(model, {}, args, bf16, "base", run_dir, step, log0)
 
         # Train: one optimizer step = grad_accum micro-batches on every rank.
         model.train()  # enables label dropout, so the unconditional branch keeps training (CFG)
@@ -599,8 +602,8 @@ def main(args):
                 wrote += f" and {run_dir}/model.safetensors (merged)"
             log0(f"wrote {wrote}")
             save_samples(model, ema, args, info["classes"], vae, bf16, os.path.join(run_dir, "samples.png"))
-            if measure:
-                toy_measure(model, ema, args, info, bf16, "ema", run_dir, step, log0)
+            if measure:  # the toy
+                toy_eval(model, ema, args, bf16, "ema", run_dir, step, log0)
     except OSError as e:  # a full disk, say: one line, not a traceback from inside torch.save (atomic_write kept the old file)
         die(f"could not write in {run_dir} ({e.strerror or e}); {left(run_dir, saved)}" + (f": --resume {run_dir} when there is room" if saved else ""))
     finally:  # also after a crash, Ctrl-C or a NaN

@@ -144,7 +144,7 @@ def test_deltas_of_earlier_versions_still_load(tmp_path):
 
 def test_a_delta_names_its_base_so_it_loads_from_anywhere(tmp_path, monkeypatch):
     assert difffit.base_ref("scratch") == "scratch" and difffit.base_ref("DiT-XL-2-256x256.pt") == "DiT-XL-2-256x256.pt"
-    assert difffit.base_ref(f"{ROOT}/assets/toy_base.pt") == "assets/toy_base.pt"  # shipped: relative to the repo
+    assert difffit.base_ref(f"{ROOT}/assets/toy_base.safetensors") == "assets/toy_base.safetensors"  # shipped: relative to the repo
     monkeypatch.chdir(tmp_path)
     assert difffit.base_ref("elsewhere.pt") == str(tmp_path / "elsewhere.pt")  # any other file: absolute
     torch.save(tiny().state_dict(), tmp_path / "base.pt")

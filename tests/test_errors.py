@@ -27,6 +27,7 @@ from PIL import Image
 import difffit
 import fid
 import files as files_py  # the module; `files` is the fixture of handed-in files below
+import toy
 import train
 from conftest import ROOT, TINY  # and the fixture `base`: a tiny base checkpoint
 from models import DiT, save_model
@@ -77,7 +78,7 @@ def files(tmp_path_factory, base):
     cut(f("bank.npy"), f("bank_trunc.npy"))
     put(f("bank_pickle.npy"), pickle.dumps(Pickled()))
     # statistics and samples for fid.py
-    fid.save_stats(f("toy_stats.npz"), np.zeros(70), np.eye(70), mode="toy", num_images=100)
+    fid.save_stats(f("toy_stats.npz"), np.zeros(128), np.eye(128), mode="toy", num_images=100)
     fid.save_stats(f("clean_stats.npz"), np.zeros(2048), np.eye(2048), mode="clean", num_images=100)
     np.savez(f("no_sigma.npz"), mu=np.zeros(70))
     np.savez(f("object_stats.npz"), mu=np.array([Pickled()], dtype=object), sigma=np.eye(1))
@@ -135,7 +136,7 @@ CASES = [
     (T + " --gamma-blocks 0-99", "--gamma-blocks 0-99: this DiT has blocks 0-1"),
     (T + " --gamma-blocks 0-1 --method lora-r8", "only --method difffit has γ"),
     (T + " --no-gamma-qkv --method bitfit", "--no-gamma-qkv: only --method difffit"),
-    (T + " --image-size 64", "the toy data is 32x32 pixels"),
+    (T + " --image-size 64", "the toy domain toy is 32 pixels square"),
     (T + " --no-cache", "--no-cache: the toy data is made in memory"),
     (T + " --vae mse", "--vae mse: the toy data is pixels"),
     (T + " --data {imgs} --image-size 100", "--image-size 100: the VAE needs a positive multiple of 8"),
@@ -223,13 +224,13 @@ CASES = [
     ("fid.py {imgs} --ref {toy_stats} --mode toy --num-workers -1", "--num-workers -1"),
     ("fid.py {imgs} --ref {toy_stats} --device nope", "not a torch device"),
     ("fid.py {imgs} --ref {toy_stats} --image-size 0", "--image-size 0"),
-    ("fid.py {imgs} --ref toy --mode toy --image-size 64", "the toy data is 32x32 pixels"),
+    ("fid.py {imgs} --ref toy --mode toy --image-size 64", "the toy data comes in its own size"),
     ("fid.py {imgs} --ref {clean_stats} --weights missing.pth", "--weights missing.pth: no such file"),
     ("fid.py {imgs} --ref {clean_stats} --weights {garbage}", "not a torch or safetensors file"),
     ("fid.py {imgs} --ref {clean_stats} --weights {pickled}", "refused"),
     ("fid.py {imgs} --ref {clean_stats} --weights {wrong_weights}", "not the 2015-12-05 Inception"),
-    ("fid.py {imgs} --ref {toy_stats} --mode toy --weights x.pth", "the toy mode uses no network"),
-    ("fid.py {imgs} --ref {toy_stats} --mode toy --download", "the toy mode uses no network"),
+    ("fid.py {imgs} --ref {toy_stats} --mode toy --weights x.pth", "the toy mode uses the shipped toy judge"),
+    ("fid.py {imgs} --ref {toy_stats} --mode toy --download", "the toy mode uses the shipped toy judge"),
     ("fid.py {imgs} --ref {trunc_stats} --mode toy", "trunc_stats.npz: unreadable, truncated"),
     ("fid.py {imgs} --ref {no_sigma} --mode toy", "no mu (d,) and sigma (d, d)"),
     ("fid.py {imgs} --ref {object_stats} --mode toy", "Python objects, which are never unpickled"),
@@ -238,7 +239,7 @@ CASES = [
     ("fid.py {no_images} --ref {toy_stats} --mode toy", "no images under"),
     ("fid.py nowhere/x --ref {toy_stats} --mode toy", "not an image folder, a .npz or a dataset name"),
     ("fid.py nope --ref {toy_stats} --mode toy", "is neither a dataset"),
-    ("fid.py {toy_stats} {clean_stats} --allow-mode-mismatch", "statistics of different feature sizes (70 vs 2048)"),
+    ("fid.py {toy_stats} {clean_stats} --allow-mode-mismatch", "statistics of different feature sizes (128 vs 2048)"),
     ("fid.py {toy_stats} {clean_stats}", "mode mismatch: toy vs clean"),
     ("fid.py {imgs} --mode nope", "argument --mode: invalid choice"),
     # prepare.py
@@ -467,7 +468,7 @@ def test_run_folders_are_numbered_past_gaps_and_past_999(tmp_path):
 def test_a_resumed_run_finds_its_repo_base_from_any_folder(files, tmp_path, monkeypatch):
     """A delta names a base in this repo relative to the repo, so a resumed run rebuilds it wherever it is started."""
     delta = difffit.read_delta(files["delta"])
-    assert difffit.base_path(difffit.base_ref(os.path.join(ROOT, "assets", "toy_base.pt"))) == os.path.join(ROOT, "assets", "toy_base.pt")
+    assert difffit.base_path(difffit.base_ref(toy.BASE_PATH)) == toy.BASE_PATH
     monkeypatch.chdir(tmp_path)
     args, _, _ = train.resolve_args(train.parser.parse_args(["--resume", files["run"]]))
     assert args.ckpt == delta["base"] == files["base"]

@@ -1,6 +1,6 @@
 """
 Tests of fid.py: the Inception and its statistics against pytorch-fid, the Fréchet distance, modes, inputs, downloads
-and the toy features. CPU, about a minute on 2 cores; no network (only a loopback server for the download tests):
+and the toy mode (the toy judge). CPU, about a minute on 2 cores; no network (only a loopback server for the download tests):
     python -m pytest tests/test_fid.py
 The real Inception weights are not needed: pytorch-fid (test-only, pip install pytorch-fid==0.3.0) and fid.py load
 the same random weights in the published layout; the tests that need pytorch-fid skip themselves without it.
@@ -21,6 +21,7 @@ from PIL import Image
 
 import fid
 import files
+import toy
 
 # -----------------------------------------------------------------------------
 # fixtures: random Inception weights in the published layout, our net and pytorch-fid's
@@ -171,30 +172,19 @@ def test_mode_mismatch_is_refused(tmp_path):
 # inputs and statistics files (toy mode: no Inception, so these are fast)
 
 def toy_images(n, seed, kind):
-    """n 32x32 RGB images of one kind: 'disk' (reddish disks on dark) or 'stripes' (bluish stripes on light)."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:32, :32] + 0.5
-    out = []
-    for _ in range(n):
-        cy, cx, r, th, f = *rng.uniform(10, 22, 2), rng.uniform(5, 9), rng.uniform(0, np.pi), rng.uniform(0.8, 1.5)
-        if kind == "disk":
-            ink, fg, bg = (np.hypot(yy - cy, xx - cx) < r), [0.9, rng.uniform(0.2, 0.6), 0.1], [0.1, 0.1, 0.1]
-        else:
-            ink, fg, bg = np.sin(f * (np.cos(th) * yy + np.sin(th) * xx)) > 0, [0.1, rng.uniform(0.3, 0.6), 0.9], [0.9, 0.9, 0.9]
-        img = np.where(ink[..., None], fg, bg) + rng.normal(0, 0.02, (32, 32, 3))
-        out.append((img.clip(0, 1) * 255).round().astype(np.uint8))
-    return np.stack(out)
+    """n real test images of a toy domain ('toy' or 'toy-art'), from the seed-th on."""
+    return toy.load(kind, "test")[0][seed:seed + n].numpy()
 
-def test_toy_features_are_deterministic_and_separate_kinds():
-    disks, stripes = toy_images(200, 0, "disk"), toy_images(100, 1, "stripes")
-    f = fid.toy_features(disks)
-    assert f.shape == (200, 70) and f.dtype == np.float64 and np.array_equal(f, fid.toy_features(disks))
-    same = fid.frechet_distance(*fid.statistics(f[:100]), *fid.statistics(f[100:]))
-    other = fid.frechet_distance(*fid.statistics(f[:100]), *fid.statistics(fid.toy_features(stripes)))
-    assert other > 100 * same
+def test_toy_mode_is_the_judge_and_separates_domains():
+    a, b, art = toy_images(200, 0, "toy"), toy_images(200, 200, "toy"), toy_images(200, 0, "toy-art")
+    f = fid.get_features(a, "toy")
+    assert f.shape == (200, 128) and f.dtype == np.float64 and np.array_equal(f, toy.judge_features(a)[0])
+    same = fid.frechet_distance(*fid.statistics(f), *fid.statistics(fid.get_features(b, "toy")))
+    other = fid.frechet_distance(*fid.statistics(f), *fid.statistics(fid.get_features(art, "toy")))
+    assert other > 20 * same
 
 def test_folder_is_read_recursively_with_any_case_of_extension(tmp_path):
-    images = toy_images(5, 0, "disk")
+    images = toy_images(5, 0, "toy")
     names = ["a.png", "sub/b.PNG", "sub/deeper/c.BMP", "d.TiFf", "sub/e.jpeg"]
     for name, img in zip(names, images):
         os.makedirs(os.path.dirname(tmp_path / name), exist_ok=True)
@@ -203,10 +193,10 @@ def test_folder_is_read_recursively_with_any_case_of_extension(tmp_path):
     files = fid.image_files(str(tmp_path))
     assert files == sorted(str(tmp_path / n) for n in names)
     decoded = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in files])
-    assert np.array_equal(fid.get_features(files, "toy", batch_size=2), fid.toy_features(decoded))
+    assert np.allclose(fid.get_features(files, "toy", batch_size=2), toy.judge_features(decoded)[0], rtol=1e-5, atol=1e-6)  # batches of 2 vs 5
 
 def test_npz_formats(tmp_path, capsys):
-    images = toy_images(100, 0, "disk")
+    images = toy_images(100, 0, "toy")
     # a samples .npz as sample.py and the ADM evaluator write it (arr_0: uint8 N,H,W,3) gives the same statistics as the
     # same images as a PNG folder; a statistics file is float64 mu/sigma + metadata as 0-d arrays, no pickle
     np.savez(tmp_path / "samples.npz", arr_0=images)
@@ -216,11 +206,11 @@ def test_npz_formats(tmp_path, capsys):
     run_main(str(tmp_path / "samples.npz"), "--save-stats", str(tmp_path / "a.npz"), "--mode", "toy")
     run_main(str(tmp_path / "pngs"), "--save-stats", str(tmp_path / "b.npz"), "--mode", "toy")
     with np.load(tmp_path / "a.npz", allow_pickle=False) as f, np.load(tmp_path / "b.npz") as g:
-        assert f["mu"].dtype == f["sigma"].dtype == np.float64 and f["mu"].shape == (70,) and f["sigma"].shape == (70, 70)
+        assert f["mu"].dtype == f["sigma"].dtype == np.float64 and f["mu"].shape == (128,) and f["sigma"].shape == (128, 128)
         assert f["mode"].item() == "toy" and f["num_images"].item() == 100
         assert np.array_equal(f["mu"], g["mu"]) and np.array_equal(f["sigma"], g["sigma"])
     with pytest.raises(ValueError, match="exists"):  # never overwritten
-        fid.save_stats(tmp_path / "a.npz", np.zeros(70), np.eye(70), mode="toy")
+        fid.save_stats(tmp_path / "a.npz", np.zeros(128), np.eye(128), mode="toy")
     np.savez(tmp_path / "bad.npz", arr_0=images.astype(np.float32))  # a bad input gets a clear error
     with pytest.raises(ValueError, match="neither statistics"):
         run_main(str(tmp_path / "bad.npz"), "--ref", str(tmp_path / "a.npz"), "--mode", "toy")
@@ -271,3 +261,16 @@ def test_download_is_atomic_and_checked(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"could not download x.pth from http://127.0.0.1:{port}/x.pth .*put the file at"):
         files.download(f"http://127.0.0.1:{port}/x.pth", str(tmp_path / "x.pth"))
     assert not (tmp_path / "x.pth").exists()
+
+def test_toy_mode_reads_the_classes_of_a_sample_set(tmp_path, capsys):
+    """A sample set as sample.py writes it (sample i has class i mod K), as .npz and as its PNG folder: the judge's head
+    reads its classes. Real test images are in that order, so they read at 100%; shifted by one class, at 0%."""
+    images = toy_images(80, 0, "toy")
+    np.savez(tmp_path / "right.npz", arr_0=images)
+    np.savez(tmp_path / "shifted.npz", arr_0=np.roll(images, 1, axis=0))
+    os.makedirs(tmp_path / "pngs")
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(tmp_path / "pngs" / f"{i:06d}.png")
+    for name, acc in [("right.npz", "100.0%"), ("shifted.npz", "0.0%"), ("pngs", "100.0%")]:
+        run_main(str(tmp_path / name), "--ref", "toy", "--split", "test", "--mode", "toy")
+        assert f"{tmp_path / name}: toy judge class accuracy {acc} (sample i has class i mod 8" in capsys.readouterr().out

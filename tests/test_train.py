@@ -11,7 +11,9 @@ import pytest
 import torch
 
 import difffit
+import fid
 import sample
+import toy
 import train
 import models
 from conftest import ROOT, TINY  # and the fixture `base`: a tiny base checkpoint
@@ -134,16 +136,15 @@ def test_latent_training_from_the_cache_or_online(tmp_path, monkeypatch, cache):
     assert difffit.read_delta(os.path.join(run_dir, "delta.safetensors"))["spec"]["num_classes"] == 2
     assert os.path.exists(tmp_path / "data" / "imgs" / "cache-train-32-ema.npy") == cache
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, "assets", "toy_base.pt")), reason="assets/toy_base.pt is not built")
 def test_difffit_clearly_improves_the_toy_measure(tmp_path):
-    """The shipped base, DiffFit-fine-tuned on the toy target for a short run: the measure must improve clearly."""
-    run_dir = train.main(train.parser.parse_args(["--results-dir", str(tmp_path), "--max-steps", "300",
-                                                  "--eval-per-class", "8", "--ckpt", os.path.join(ROOT, "assets", "toy_base.pt")]))
+    """The shipped base, DiffFit-fine-tuned on the toy target by a short default run: the judge must see it clearly."""
+    run_dir = train.main(train.parser.parse_args(["--results-dir", str(tmp_path), "--max-steps", "300", "--eval-per-class", "8"]))
     load = lambda what: __import__("json").load(open(os.path.join(run_dir, f"toy_{what}.json")))
     base, tuned = load("base"), load("ema")
-    assert base["class_accuracy"] <= 0.3  # the base cannot draw the target classes (chance is 12.5%)
-    assert base["frechet_distance"] > 10  # nor the target's look
-    assert tuned["frechet_distance"] < 0.2 * base["frechet_distance"]  # measured: 22.5 -> 0.21 after 1000 steps
+    assert base["accuracy"] <= 0.35  # the base cannot draw the new classes (chance is 12.5%)
+    assert tuned["accuracy"] >= 0.8 and tuned["accuracy"] >= base["accuracy"] + 0.5  # measured: 5% -> 100% (64 samples)
+    assert tuned["frechet_distance"] < 0.3 * base["frechet_distance"]  # measured: 67.3 -> 9.8
+    assert os.path.exists(os.path.join(run_dir, "toy_compare.png"))
 
 def test_sampling_leaves_the_callers_rng_alone(base):
     """Grids drawn during training must not reseed the training noise (they run inside fork_rng)."""
@@ -222,3 +223,10 @@ def test_diff_tuning_mixes_the_bank_into_each_batch(tmp_path, base, bank, monkey
     assert all(any(torch.equal(row, b) for b in bank_rows) for row in x[8:])
     logged = float(open(os.path.join(run_dir, "metrics.csv")).read().splitlines()[1].split(",")[1])
     assert abs(logged - (losses[:8].mean() + 0.1 * losses[8:].mean()).item()) < 1e-5
+
+def test_toy_floor_compares_two_halves_that_hold_every_class():
+    """The floor is two halves of the real test split; split by parity of the index, the halves of an even K would
+    hold disjoint classes (floor 101 where a foreign domain scores 92)."""
+    ref, floor, real_acc = train.toy_reference("toy", 256)
+    foreign = fid.statistics(toy.judge_features(toy.load("toy-art", "test")[0][:256])[0])
+    assert real_acc >= 0.95 and floor < 0.05 * fid.frechet_distance(*foreign, *ref)
