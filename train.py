@@ -56,7 +56,7 @@ parser.add_argument("--vae", default="ema", help="SD VAE: ema or mse (the encode
 parser.add_argument("--num-workers", type=int, default=4, help="image-decoding processes per rank (--no-cache)")
 # model
 parser.add_argument("--model", default="DiT-XL/2", choices=list(DiT_models), help="DiT config of a raw published checkpoint (ours carry their own)")
-parser.add_argument("--ckpt", default=None, help="base (default: DiT-XL-2-256x256.pt, downloaded; the toy: assets/toy_base.pt); 'scratch' = random init")
+parser.add_argument("--ckpt", default=None, help="base (default: DiT-XL-2-256x256.pt, downloaded; the toy: assets/toy_base.safetensors; toy-source: scratch); 'scratch' = random init")
 parser.add_argument("--no-pos-trick", action="store_true", help="from a lower-resolution base: the plain sin-cos table, not the interpolated one (§4.3)")
 # difffit
 parser.add_argument("--method", default="difffit", choices=list(difffit.METHODS), help="which parameters train")
