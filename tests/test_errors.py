@@ -245,6 +245,8 @@ CASES = [
     # prepare.py
     ("prepare.py --data toy", "nothing to encode"),
     ("prepare.py --data toy-source", "nothing to encode"),
+    ("prepare.py --data {imgs} --export out", "only the toy domains (toy-source, toy, toy-art, toy-64) are made here"),
+    ("prepare.py --data toy --export {afile}/sub", "is a file, not a folder"),
     ("prepare.py --data nope", "--data nope: not a dataset"),
     ("prepare.py --data {imgs} --batch-size 0", "--batch-size 0"),
     ("prepare.py --data {imgs} --num-workers -1", "--num-workers -1"),
