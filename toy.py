@@ -243,7 +243,8 @@ def load_judge(path=JUDGE_PATH):
     if not os.path.exists(path):
         raise FileNotFoundError(f"no toy judge at {path}: train it with `python toy.py --train-judge`")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    net = Judge(**ckpt["config"])
+    with torch.random.fork_rng():  # its random init is overwritten: a training run must not see it use up random numbers
+        net = Judge(**ckpt["config"])
     net.load_state_dict(ckpt["model"])
     return net.eval().requires_grad_(False)
 

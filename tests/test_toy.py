@@ -124,3 +124,11 @@ def test_judge_runs_in_fp32_under_bf16_autocast():
         feats_ac, logits_ac = toy.judge_features(images[:64])
     assert logits_ac.dtype == torch.float32
     assert np.array_equal(feats, feats_ac) and torch.equal(logits, logits_ac)
+
+def test_loading_the_judge_uses_no_random_numbers():
+    """A training run loads the judge for its first measure: that must not change the noise it trains with."""
+    toy.load_judge.cache_clear()
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    toy.load_judge()
+    assert torch.equal(torch.get_rng_state(), state)
