@@ -88,6 +88,7 @@ parser.add_argument("--sampler", default="dpm++", choices=["ddpm", "ddim", "dpm+
 parser.add_argument("--sample-steps", type=int, default=20, help="network calls per sample of the grids and the toy measure (as sample.py --steps)")
 parser.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale of the sample grids (paper: 4.0 for pictures)")
 parser.add_argument("--eval-per-class", type=int, default=32, help="toy data only: samples per class for the toy measure at start and end (0: off)")
+parser.add_argument("--eval-every", type=int, default=0, help="toy data only: steps between toy measures of the EMA, a curve in toy_curve.csv (0: off)")
 
 # -----------------------------------------------------------------------------
 # helpers
@@ -180,6 +181,9 @@ def check_args(args, world=1):
         ("--sample-steps", 2 <= args.sample_steps <= 1000, "the sample grids take 2 .. 1000 steps"),
         ("--cfg-scale", finite(args.cfg_scale) and args.cfg_scale >= 0, "use a finite guidance scale >= 0 (1: none; the grids of the paper: 4.0)"),
         ("--eval-per-class", args.eval_per_class >= 0, "use 0 (off) or the samples per class of the toy measure"),
+        ("--eval-every", args.eval_every >= 0, "use 0 (off) or the steps between toy measures"),
+        ("--eval-every", not args.eval_every or is_toy, f"the toy measure needs a toy domain ({', '.join(toy.DOMAINS)}): drop the flag"),
+        ("--eval-every", not args.eval_every or args.eval_per_class, "the curve measures --eval-per-class samples per class: give it more than 0"),
     ])
 
 def runs(results_dir):
@@ -432,7 +436,7 @@ def toy_measure(images, labels, domain):
 
 def toy_eval(model, params, args, bf16, what, run_dir, step, log0):
     """Sample eval_per_class images of every class from the model with `params` (the EMA) swapped in, measure them,
-    log the result and write run_dir/toy_<what>.json."""
+    log the result and write run_dir/toy_<what>.json and .npz (what: base, ema), or a row of toy_curve.csv (curve)."""
     model.eval()
     labels = list(range(model.num_classes)) * args.eval_per_class
     with swapped_in(model, params), torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -440,13 +444,18 @@ def toy_eval(model, params, args, bf16, what, run_dir, step, log0):
     model.train()
     images = to_images(x)
     m = toy_measure(images, torch.tensor(labels), args.data)
+    log0(f"toy measure, {what} at step {step}: Fréchet distance {m['frechet_distance']:.2f} (floor {m['floor']:.2f}, {m['n']} images) | "
+         f"accuracy {m['accuracy']:.0%} (chance {1 / model.num_classes:.0%}, real test images {m['real_accuracy']:.0%}) | judge: toy.py")
+    if what == "curve":  # --eval-every: one row per measure (a resumed run may redo a step: readers keep the last row of each)
+        with open(os.path.join(run_dir, "toy_curve.csv"), "a") as f:
+            f.write(("step,frechet_distance,floor,accuracy,n\n" if f.tell() == 0 else "") +
+                    f"{step},{m['frechet_distance']:.4f},{m['floor']:.4f},{m['accuracy']:.4f},{m['n']}\n")
+        return m
     atomic_write(os.path.join(run_dir, f"toy_{what}.npz"), lambda f: np.savez(f, samples=images, labels=np.array(labels)))
     if what == "ema" and os.path.exists(os.path.join(run_dir, "toy_base.npz")):  # per class: real | base | trained, 4x
         base = load_arrays(os.path.join(run_dir, "toy_base.npz"), "the base's samples", lambda f: (f["samples"], f["labels"]))
         picture = toy.compare(args.data, [base, (images, labels)])
         atomic_write(os.path.join(run_dir, "toy_compare.png"), lambda f: picture.save(f, format="PNG"))
-    log0(f"toy measure, {what} at step {step}: Fréchet distance {m['frechet_distance']:.2f} (floor {m['floor']:.2f}, {m['n']} images) | "
-         f"accuracy {m['accuracy']:.0%} (chance {1 / model.num_classes:.0%}, real test images {m['real_accuracy']:.0%}) | judge: toy.py")
     atomic_write(os.path.join(run_dir, f"toy_{what}.json"), lambda f: f.write(json.dumps(dict(m, step=step)).encode()))
     return m
 
@@ -587,6 +596,10 @@ def main(args):
                 if ddp:
                     dist.barrier()
                     log0(f"step {step}: {world} replicas in sync, checkpoint saved")
+            if measure and args.eval_every and step % args.eval_every == 0 and step < args.max_steps:  # the toy: a curve
+                t_eval = time.time()
+                toy_eval(model, ema, args, bf16, "curve", run_dir, step, log0)
+                t0 += time.time() - t_eval  # steps/s counts training only
             if args.sample_every and step % args.sample_every == 0 and rank == 0:
                 save_samples(model, ema, args, info["classes"], vae, bf16, os.path.join(run_dir, f"samples-{step:07d}.png"))
         bar.close()

@@ -146,6 +146,15 @@ def test_difffit_clearly_improves_the_toy_measure(tmp_path):
     assert tuned["frechet_distance"] < 0.3 * base["frechet_distance"]  # measured: 67.3 -> 9.8
     assert os.path.exists(os.path.join(run_dir, "toy_compare.png"))
 
+def test_eval_every_writes_a_curve_and_leaves_training_alone(tmp_path, base):
+    curve = run(tmp_path / "a", base, "--max-steps", "5", "--eval-every", "2")
+    plain = run(tmp_path / "b", base, "--max-steps", "5")
+    rows = open(os.path.join(curve, "toy_curve.csv")).read().splitlines()
+    assert rows[0] == "step,frechet_distance,floor,accuracy,n" and [r.split(",")[0] for r in rows[1:]] == ["2", "4"]  # the end is toy_ema.json
+    assert not os.path.exists(os.path.join(plain, "toy_curve.csv"))
+    a, b = (difffit.read_delta(os.path.join(d, "delta.safetensors"))["params"] for d in (curve, plain))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # measuring samples with its own seed: the training noise is the same
+
 def test_sampling_leaves_the_callers_rng_alone(base):
     """Grids drawn during training must not reseed the training noise (they run inside fork_rng)."""
     model = load_model(base).eval()
