@@ -118,6 +118,9 @@ CASES = [
     (T + " --sample-steps 0", "--sample-steps 0: the sample grids take 2 .. 1000"),
     (T + " --sample-steps 1001", "--sample-steps 1001"),
     (T + " --eval-per-class -1", "--eval-per-class -1"),
+    (T + " --eval-every -1", "--eval-every -1: use 0 (off)"),
+    (T + " --eval-every 10 --eval-per-class 0", "--eval-every 10: the curve measures --eval-per-class samples"),
+    ("train.py --data {png_folder} --eval-every 10 --results-dir results", "the toy measure needs a toy domain"),
     (T + " --max-steps 0", "--max-steps 0: train at least 1 step"),
     (T + " --max-steps -5", "--max-steps -5"),
     (T + " --lr 0", "--lr 0.0: use a positive"),
@@ -256,6 +259,13 @@ CASES = [
     ("prepare.py --data {imgs} --download", "only torchvision's datasets download"),
     ("prepare.py --data cub200 --data-dir data", "no image folder"),
     ("prepare.py --data {imgs} --image-size 128", "argument --image-size: invalid choice"),
+    # study.py
+    ("study.py --only table9", "--only table9: comma-separated names of table1"),
+    ("study.py --seeds 0", "--seeds 0: use at least 1 seed"),
+    ("study.py --steps 0", "--steps 0"),
+    ("study.py --sample-steps 1", "--sample-steps 1: DPM-Solver++ takes 2 .. 1000"),
+    ("study.py --out {afile}/sub", "is a file, not a folder"),
+    ("study.py --precision fp16", "argument --precision: invalid choice"),
     # bench.py and difffit.py
     ("bench.py --batch-size 0", "--batch-size 0"),
     ("bench.py --methods difffit,nope", "--methods difffit,nope"),
