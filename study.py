@@ -109,13 +109,14 @@ def read_run(run_dir):
     load = lambda name: json.load(open(os.path.join(run_dir, name)))
     end, base = load("toy_ema.json"), load("toy_base.json")
     curve = {0: (base["frechet_distance"], base["accuracy"])}
-    for line in open(os.path.join(run_dir, "toy_curve.csv")).read().splitlines()[1:] if os.path.exists(os.path.join(run_dir, "toy_curve.csv")) else []:
+    csv = os.path.join(run_dir, "toy_curve.csv")  # runs with --eval-every only
+    for line in open(csv).read().splitlines()[1:] if os.path.exists(csv) else []:
         step, fd, _, acc, _ = line.split(",")
         curve[int(step)] = (float(fd), float(acc))  # a resumed run may have measured a step twice: the last one counts
     curve[end["step"]] = (end["frechet_distance"], end["accuracy"])
     rows = open(os.path.join(run_dir, "metrics.csv")).read().splitlines()[1:]
-    args = load_args(run_dir)
-    s_step = statistics.median(args["global_batch_size"] / float(r.split(",")[3]) for r in rows)  # img/s per log interval
+    batch = json.loads(open(os.path.join(run_dir, "log.txt")).readline().split("args: ", 1)[1])["global_batch_size"]  # its first line
+    s_step = statistics.median(batch / float(r.split(",")[3]) for r in rows)  # from img/s per log interval
     delta = os.path.join(run_dir, "delta.safetensors")
     params = sum(v.numel() for v in difffit.read_delta(delta)["params"].values())
     return dict(dir=run_dir, fd=end["frechet_distance"], acc=end["accuracy"], floor=end["floor"], base_fd=base["frechet_distance"],
@@ -141,10 +142,6 @@ def sampler_sweep(args, run_dir):
             with open(path, "w") as f:
                 json.dump({json.dumps(k): v for k, v in done.items()}, f)
     return {(name, steps): [done[(name, steps, seed)] for seed in (0, 1)] for name, steps in SAMPLERS}
-
-def load_args(run_dir):
-    first = open(os.path.join(run_dir, "log.txt")).readline()
-    return json.loads(first.split("args: ", 1)[1])
 
 def collect(args, names):
     """{(data, flags as a tuple): [read_run of each seed, or None where the run failed]} for the cells of `names`."""
