@@ -1,7 +1,8 @@
 """
 Gaussian diffusion as DiT uses it: linear betas, q_sample, the hybrid loss, timestep respacing and the
 ancestral (DDPM) and DDIM samplers, re-implemented from scratch to match the reference numerically
-(float64 tables, float32 lookups, the same RNG order when sampling), plus DPM-Solver++(2M) for few steps.
+(float64 tables, float32 lookups, the same RNG order when sampling), plus DPM-Solver++(2M) for few steps, for the
+probability-flow ODE and for the reverse SDE.
 Papers: DDPM (Ho et al. 2020, arXiv:2006.11239), Improved DDPM = IDDPM (Nichol & Dhariwal 2021,
 arXiv:2102.09672), DDIM (Song et al. 2020, arXiv:2010.02502), DiT (Peebles & Xie 2022, arXiv:2212.09748),
 DPM-Solver++ (Lu et al. 2022, arXiv:2211.01095).
@@ -235,29 +236,45 @@ class GaussianDiffusion:
     @torch.no_grad()
     def dpm_solver_sample_loop(self, model, shape, noise=None, clip_denoised=False, model_kwargs=None, device=None, progress=False):
         """DPM-Solver++(2M) (Lu et al. 2022, arXiv:2211.01095, Alg. 2) over the respaced steps, one model call per step; learned Σ unused."""
+        return self._dpm_solver_loop(model, shape, noise, clip_denoised, model_kwargs, device, progress, sde=False)
+
+    @torch.no_grad()
+    def sde_dpm_solver_sample_loop(self, model, shape, noise=None, clip_denoised=False, model_kwargs=None, device=None, progress=False):
+        """SDE-DPM-Solver++(2M): the same steps for the reverse SDE, fresh noise at each; learned Σ unused."""
+        return self._dpm_solver_loop(model, shape, noise, clip_denoised, model_kwargs, device, progress, sde=True)
+
+    def _dpm_solver_loop(self, model, shape, noise, clip_denoised, model_kwargs, device, progress, sde):
         # 2M extrapolates x_θ by (x_θ - x_θ_prev)·h/(2·h_prev), so it wants even steps: a plain count or 'ddimN'. Section counts keep
         # two adjacent steps at each section boundary ("10,15,20": 333 and 334), where that factor is ~18 and amplifies network noise.
         self.check_dpm_solver_steps()
         # x_t = α_t·x_0 + σ_t·ε with α_t = √ᾱ_t, σ_t = √(1-ᾱ_t) and the half log-SNR λ_t = log(α_t/σ_t), float64, at the kept steps
         alpha, sigma = np.sqrt(self.alphas_cumprod), np.sqrt(1.0 - self.alphas_cumprod)
         lam = np.log(alpha / sigma)
-        x = noise if noise is not None else torch.randn(*shape, device=device)  # the only random draw
+        x = noise if noise is not None else torch.randn(*shape, device=device)
         steps = range(self.num_timesteps - 1, -1, -1)
         for i in (tqdm(steps) if progress else steps):
             t = torch.full((x.shape[0],), i, dtype=torch.int64, device=x.device)  # respaced index
             eps, _ = self._model(model, x, t, model_kwargs)
+            z = torch.randn_like(x) if sde else None  # in DDPM's RNG order: after the model call, also at the last step
             x0 = (x - sigma[i] * eps) / alpha[i]  # the data prediction x_θ = (x_t - σ_t·ε_θ)/α_t that ++ integrates
             if clip_denoised:
                 x0 = x0.clamp(-1, 1)
             if i == 0:  # the last call (at original step 0, σ ≈ 0.01) returns x_θ, as DDPM and DDIM do
                 return x0
-            # Alg. 2, from kept step i to i-1: x ← (σ_{i-1}/σ_i)·x - α_{i-1}·(e^{-h} - 1)·D with h = λ_{i-1} - λ_i and
-            # D = (1 + 1/(2r))·x_θ - 1/(2r)·x_θ_prev, r = h_prev/h. D = x_θ (first order, = DDIM) on the first step, which has
-            # no x_θ_prev, and on the step onto step 0, which crosses a fifth to a half of the λ range (h ≈ 4·h_prev): extrapolating
-            # over it made the error 2-5x larger on closed-form problems (diffusers: euler_at_final on a grid ending at step 0)
+            # Alg. 2, from kept step i to i-1: D = (1 + 1/(2r))·x_θ - 1/(2r)·x_θ_prev with h = λ_{i-1} - λ_i, r = h_prev/h.
+            # D = x_θ (first order) on the first step, which has no x_θ_prev, and on the step onto step 0, which crosses a fifth
+            # to a half of the λ range (h ≈ 4·h_prev): extrapolating over it made the error 2-5x larger on closed-form problems
+            # (diffusers: euler_at_final on a grid ending at step 0)
             h = lam[i - 1] - lam[i]
             D = x0 if i == self.num_timesteps - 1 or i == 1 else x0 + (h / (2 * h_prev)) * (x0 - x0_prev)
-            x = (sigma[i - 1] / sigma[i]) * x - (alpha[i - 1] * np.expm1(-h)) * D
+            if sde:
+                # the reverse SDE's linear part and its noise integrated exactly over [λ_i, λ_{i-1}], x_θ taken as D:
+                # x ← (σ_{i-1}/σ_i)·e^{-h}·x + α_{i-1}·(1 - e^{-2h})·D + σ_{i-1}·√(1 - e^{-2h})·z. With D = x_θ this is DDPM's
+                # posterior step q(x_{i-1} | x_i, x_θ) with variance β̃ (the lower end of the learned range)
+                x = (sigma[i - 1] / sigma[i] * np.exp(-h)) * x - (alpha[i - 1] * np.expm1(-2 * h)) * D \
+                    + (sigma[i - 1] * np.sqrt(-np.expm1(-2 * h))) * z
+            else:  # the probability-flow ODE (Alg. 2): x ← (σ_{i-1}/σ_i)·x - α_{i-1}·(e^{-h} - 1)·D; first order = DDIM
+                x = (sigma[i - 1] / sigma[i]) * x - (alpha[i - 1] * np.expm1(-h)) * D
             x0_prev, h_prev = x0, h
 
 # -----------------------------------------------------------------------------

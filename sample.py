@@ -27,6 +27,9 @@ from diffusion import create_diffusion
 from files import atomic_write, check_flags, published, unwritable
 from models import VAE_SCALE, DiT_models, bf16_chosen, load_model, load_vae, raw_config
 
+# the sampler's loop in diffusion.py; every one makes one network call per kept step of the respaced chain
+LOOPS = {"ddpm": "p_sample_loop", "ddim": "ddim_sample_loop", "dpm++": "dpm_solver_sample_loop", "sde-dpm++": "sde_dpm_solver_sample_loop"}
+
 parser = argparse.ArgumentParser(description="Sample a DiT (base + DiffFit delta, or a full checkpoint) with CFG.")
 # what to sample from
 parser.add_argument("--delta", default=None, help="a delta written by train.py (default: the latest run's)")
@@ -41,7 +44,8 @@ parser.add_argument("--classes", default=None, help="comma-separated class ids (
 parser.add_argument("--per-class", type=int, default=1, help="samples per class in the grid")
 parser.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale (paper: 4.0 for pictures, 1.5 for FID)")
 parser.add_argument("--guide-all-channels", action="store_true", help="guide all 4 latent channels (DiT guides the first 3)")
-parser.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim", "dpm++"], help="ancestral DDPM, deterministic DDIM, or DPM-Solver++(2M)")
+parser.add_argument("--sampler", default="ddpm", choices=list(LOOPS),
+                    help="ancestral DDPM, deterministic DDIM, DPM-Solver++(2M) (an ODE), or its stochastic SDE variant")
 parser.add_argument("--steps", default="250", help="network calls per sample: a step count (DiT: 250 DDPM steps), or a respacing like '10,15,20'")
 parser.add_argument("--seed", type=int, default=0, help="same seed, same samples")
 parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="bf16 autocast where the hardware has it (auto)")
@@ -51,9 +55,6 @@ parser.add_argument("--num-fid-samples", type=int, default=0, help="write this m
 parser.add_argument("--fid-dir", default=None, help="folder of the FID samples (PNGs + a .npz beside it)")
 parser.add_argument("--num-bank-samples", type=int, default=0, help="write this many samples, undecoded, as a knowledge bank for train.py --diff-tuning")
 parser.add_argument("--batch-size", type=int, default=32, help="samples per forward pass and rank")
-
-# the sampler's loop in diffusion.py; every one makes one network call per kept step of the respaced chain
-LOOPS = {"ddpm": "p_sample_loop", "ddim": "ddim_sample_loop", "dpm++": "dpm_solver_sample_loop"}
 
 def die(msg):
     """Bad input: one `error:` line and exit code 2, as in every script here."""
@@ -67,7 +68,7 @@ parser.error = lambda msg: die(f"{msg} (see --help)")  # argparse's own complain
 def make_diffusion(sampler, steps):
     """The respaced chain for a sampler: DDIM with a plain count takes ADM's even stride ("ddimN"), as DiT's DDIM does."""
     diffusion = create_diffusion(f"ddim{steps}" if sampler == "ddim" and steps.isdigit() else steps)
-    if sampler == "dpm++":
+    if sampler in ("dpm++", "sde-dpm++"):
         diffusion.check_dpm_solver_steps()
     return diffusion
 

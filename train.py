@@ -39,7 +39,7 @@ from diffusion import create_diffusion
 from files import atomic_write, check_flags, load_arrays, load_file, published, unwritable
 from models import VAE_SCALE, DiT_models, bf16_chosen, load_model, load_vae, raw_config, save_model
 from prepare import DATASETS
-from sample import generate, make_diffusion, save_grid, to_images
+from sample import LOOPS, generate, make_diffusion, save_grid, to_images
 
 # Defaults that depend on the data: the paper's (§4.2) for real datasets, a few CPU minutes for the toy.
 PAPER = dict(max_steps=24_000, global_batch_size=256, ema_decay=0.9999, image_size=256)
@@ -84,7 +84,7 @@ parser.add_argument("--resume", default=None, help="a run folder, or 'latest', t
 parser.add_argument("--log-every", type=int, default=50, help="steps between log lines")
 parser.add_argument("--ckpt-every", type=int, default=500, help="steps between checkpoints")
 parser.add_argument("--sample-every", type=int, default=0, help="steps between EMA sample grids (0: at the end only)")
-parser.add_argument("--sampler", default="dpm++", choices=["ddpm", "ddim", "dpm++"], help="sampler of the grids and the toy measure (as sample.py)")
+parser.add_argument("--sampler", default="dpm++", choices=list(LOOPS), help="sampler of the grids and the toy measure (as sample.py)")
 parser.add_argument("--sample-steps", type=int, default=20, help="network calls per sample of the grids and the toy measure (as sample.py --steps)")
 parser.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale of the sample grids (paper: 4.0 for pictures)")
 parser.add_argument("--eval-per-class", type=int, default=32, help="toy data only: samples per class for the toy measure at start and end (0: off)")

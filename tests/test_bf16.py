@@ -71,7 +71,7 @@ def test_sampling_in_bf16_writes_the_same_formats(tmp_path, base):
     assert arr.shape == (5, 32, 32, 3) and arr.dtype == np.uint8
     bank = np.load(tmp_path / "bank.npy")
     assert bank.shape == (5, 3, 32, 32) and bank.dtype == np.float32 and np.isfinite(bank).all()
-    for sampler in ("ddim", "dpm++"):
+    for sampler in ("ddim", "dpm++", "sde-dpm++"):
         sample.main(sample.parser.parse_args(common + ["--sampler", sampler, "--out", str(tmp_path / f"{sampler}.png")]))
 
 def test_vae_under_bf16_autocast_returns_fp32_close_to_fp32():

@@ -186,6 +186,8 @@ CASES = [
     ("sample.py --delta {delta} --num-fid-samples 4 --num-bank-samples 4", "cannot go with --num-fid-samples"),
     ("sample.py --delta {delta} --cfg-scale nan", "--cfg-scale nan"),
     ("sample.py --delta {delta} --sampler dpm++ --steps 10,20", "DPM-Solver++ needs evenly spaced steps"),
+    ("sample.py --delta {delta} --sampler sde-dpm++ --steps 10,20", "DPM-Solver++ needs evenly spaced steps"),
+    ("sample.py --delta {delta} --sampler dpm--", "invalid choice: 'dpm--'"),
     ("sample.py --delta {delta} --steps 0", "--steps 0"),
     ("sample.py --delta {delta} --steps abc", "not understood"),
     ("sample.py --delta {delta} --classes a,b", "--classes a,b: expected class ids"),
