@@ -428,23 +428,28 @@ def diffusers_dpm_solver(timesteps, model, x, noises=None):
     return x
 
 
+@pytest.mark.parametrize("sde", [False, True])
 @pytest.mark.parametrize("cfg", [False, True])
 @pytest.mark.parametrize("n", [5, 7, 10, 15, 20, 25])
-def test_dpm_solver_matches_diffusers_multistep(n, cfg):
+def test_dpm_solver_matches_diffusers_multistep(n, cfg, sde):
     pytest.importorskip("diffusers", reason="diffusers is the reference (requirements-test.txt)")
     d = create_diffusion(str(n))
     model = smooth_model(cfg_scale=4.0 if cfg else None)
     torch.manual_seed(0)
     z = torch.randn(4, 3, 4, 4)
     z = torch.cat([z, z]) if cfg else z  # sample.py's CFG batch: [cond half; uncond half]
-    ours = d.dpm_solver_sample_loop(model, z.shape, z)
-    ref = diffusers_dpm_solver(d.timestep_map.flip(0).tolist(), model, z.clone())
-    # diffusers' σ table is float32, ours float64: measured max |ours - ref| / max |ref| <= 2.2e-6 for 5-50 steps (8.5e-6 at 3-4
-    # steps); with diffusers' σ table set to our float64 values it is <= 5e-7, so the rest is that rounding, amplified early on
+    torch.manual_seed(1)
+    ours = (d.sde_dpm_solver_sample_loop if sde else d.dpm_solver_sample_loop)(model, z.shape, z)
+    torch.manual_seed(1)
+    noises = [torch.randn_like(z) for _ in range(n)] if sde else None  # the SDE draws one after each model call, the last unused
+    ref = diffusers_dpm_solver(d.timestep_map.flip(0).tolist(), model, z.clone(), noises)
+    # diffusers' σ table is float32, ours float64: measured max |ours - ref| / max |ref| <= 2.2e-6 (SDE: 2.9e-6) for 5-50 steps
+    # (8.5e-6 at 3-4 steps); with diffusers' σ table set to our float64 values it is <= 5e-7, so the rest is that rounding
     assert (ours - ref).abs().max() <= 1e-5 * ref.abs().max()
-    if cfg:
+    if sde:
+        assert not torch.allclose(ours, d.dpm_solver_sample_loop(model, z.shape, z), atol=1e-2)  # the noise is really there
+    elif cfg:
         assert torch.equal(ours[:4], ours[4:])  # both halves carry the same guided ε
-
 
 @pytest.mark.parametrize("clip", [False, True])
 def test_dpm_solver_is_ddim_where_every_step_is_first_order(clip):
@@ -511,25 +516,6 @@ def test_dpm_solver_takes_even_respacings(spec):
 
 # -----------------------------------------------------------------------------
 # SDE-DPM-Solver++(2M)
-
-@pytest.mark.parametrize("cfg", [False, True])
-@pytest.mark.parametrize("n", [5, 7, 10, 15, 20, 25])
-def test_sde_dpm_solver_matches_diffusers_multistep(n, cfg):
-    pytest.importorskip("diffusers", reason="diffusers is the reference (requirements-test.txt)")
-    d = create_diffusion(str(n))
-    model = smooth_model(cfg_scale=4.0 if cfg else None)
-    torch.manual_seed(0)
-    z = torch.randn(4, 3, 4, 4)
-    z = torch.cat([z, z]) if cfg else z
-    torch.manual_seed(1)
-    ours = d.sde_dpm_solver_sample_loop(model, z.shape, z)
-    torch.manual_seed(1)
-    noises = [torch.randn_like(z) for _ in range(n)]  # ours draws one after each model call, the last one unused
-    ref = diffusers_dpm_solver(d.timestep_map.flip(0).tolist(), model, z.clone(), noises)
-    # measured max |ours - ref| / max |ref| <= 2.9e-6 at 3-25 steps (diffusers' float32 σ table, as for the ODE solver)
-    assert (ours - ref).abs().max() <= 1e-5 * ref.abs().max()
-    assert not torch.allclose(ours, d.dpm_solver_sample_loop(model, z.shape, z), atol=1e-2)  # the noise is really there
-
 
 def test_sde_dpm_solver_is_ddpm_with_the_small_variance_where_every_step_is_first_order():
     # a first-order SDE step from x_i is the posterior q(x_{i-1} | x_i, x_θ) with variance β̃: what DDPM does with v = -1.
