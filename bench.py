@@ -19,7 +19,6 @@ rows encode random images with a random-weight SD VAE of the published config (8
 import argparse
 import contextlib
 import math
-import re
 import resource
 import statistics
 import subprocess
@@ -34,7 +33,7 @@ import files
 import models
 from diffusion import GaussianDiffusion, create_diffusion
 from models import DiT_models
-from sample import generate, make_diffusion
+from sample import LOOPS, generate, make_diffusion
 
 parser = argparse.ArgumentParser(description="img/s, TFLOP/s and peak memory of training and sampling, vs a reference-style loop.")
 # what to measure
@@ -152,7 +151,7 @@ def trainer(row, device, args):
 def sampler(row, device, args):
     """One call of sample.py's generate (or of the reference-style loop) as a closure; run(2) samples 2 steps."""
     ref, bf16 = row.startswith("ref"), "bf16" in row
-    name, steps = ("ddpm", args.ref_steps) if ref else re.fullmatch(r"sample (ddpm|ddim|dpm\+\+)(\S+).*", row).groups()
+    name, steps = ("ddpm", args.ref_steps) if ref else sampler_steps(row.split()[1])
     model = build("difffit", ref, device, args).eval()
     labels = [i % args.num_classes for i in range(args.batch_size)]
 
@@ -170,6 +169,11 @@ def sampler(row, device, args):
         return diffusion.p_sample_loop(model.forward_with_cfg, None, torch.cat([z, z]), model_kwargs=dict(y=y, cfg_scale=args.cfg_scale))
     return run
 
+def sampler_steps(setting):
+    """'dpm++20' -> ('dpm++', '20'), 'sde-dpm++10' -> ('sde-dpm++', '10'); None if no sampler of sample.py starts it."""
+    name = next((s for s in LOOPS if setting.startswith(s)), None)  # no sampler's name starts another's
+    return (name, setting[len(name):]) if name and setting[len(name):] else None
+
 def matmul_peak(device, dtype, n=2048, k=8):
     """k n x n matmuls in dtype: the machine's achievable TFLOP/s, timed in the same rounds as the rows."""
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
@@ -183,7 +187,7 @@ def sample_flops(args, row):
     with FlopCounterMode(display=False) as counter:
         model.forward_with_cfg(torch.empty(n, 4, s, s, device=meta), torch.zeros(n, dtype=torch.long, device=meta),
                                torch.zeros(n, dtype=torch.long, device=meta), args.cfg_scale)
-    name, steps = ("ddpm", args.ref_steps) if row.startswith("ref") else re.fullmatch(r"sample (ddpm|ddim|dpm\+\+)(\S+).*", row).groups()
+    name, steps = ("ddpm", args.ref_steps) if row.startswith("ref") else sampler_steps(row.split()[1])
     return counter.get_total_flops() * make_diffusion(name, steps).num_timesteps
 
 def train_flops(row, args):
@@ -209,11 +213,11 @@ def check_args(args):
     """Every flag before a model is built: ValueError('--flag value: what is wrong; what to do')."""
     for flag, settings in (("--samplers", args.samplers.split(",")), ("--ref-steps", ["ddpm" + args.ref_steps])):
         for s in settings:
-            m = re.fullmatch(r"(ddpm|ddim|dpm\+\+)(\S+)", s)
+            m = sampler_steps(s)
             if not m:
-                raise ValueError(f"{flag} {s}: expected a sampler (ddpm, ddim, dpm++) followed by its steps, e.g. ddpm250 or dpm++20")
+                raise ValueError(f"{flag} {s}: expected a sampler ({', '.join(LOOPS)}) followed by its steps, e.g. ddpm250 or dpm++20")
             try:
-                make_diffusion(*m.groups())
+                make_diffusion(*m)
             except ValueError as e:
                 raise ValueError(f"{flag} {s}: {e}") from None
     files.check_flags(args, [
@@ -262,8 +266,9 @@ def main(args):
     print(f"{args.model} @ {args.image_size}px ({args.image_size // 8}x{args.image_size // 8} latents), batch {args.batch_size}, "
           f"{device.type} ({torch.get_num_threads()} threads), torch {torch.__version__}, native bf16: {has_bf16}")
 
+    w = max(22, *map(len, rows))  # the row names' column
     if args.what == "memory":  # a fresh process per row, so each peak is its own
-        print(f"{'row':<22} {'peak GB':>8} {'vs ref':>7} {'vs full':>8}")
+        print(f"{'row':<{w}} {'peak GB':>8} {'vs ref':>7} {'vs full':>8}")
         peak = {}
         for row in rows:
             out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", row], capture_output=True, text=True)
@@ -271,7 +276,7 @@ def main(args):
                 sys.exit(f"{row} failed:\n{out.stderr}")
             peak[row] = int(out.stdout.split()[-1]) / 2**30
             vs_full = f"{peak[row] / peak[full_of(row)]:8.2f}" if full_of(row) in peak else f"{'':>8}"
-            print(f"{row:<22} {peak[row]:8.2f} {peak[row] / peak[ref_of(row)]:7.2f} {vs_full}", flush=True)
+            print(f"{row:<{w}} {peak[row]:8.2f} {peak[row] / peak[ref_of(row)]:7.2f} {vs_full}", flush=True)
         return
 
     # Build and warm up every row (sampling warms up on a 2-step chain), then time them in turns.
@@ -301,12 +306,12 @@ def main(args):
     print(f"median of {args.rounds} rounds x {reps} {'sampling calls' if args.what == 'sample' else 'steps'} after {args.warmup} warm-up; "
           f"matmul peak (2048², timed in the same rounds): " + ", ".join(f"{v:.3f} TFLOP/s {'bf16' if 'bf16' in k else 'fp32'}" for k, v in peak.items()))
     unit = "s/call" if args.what == "sample" else "s/step"
-    print(f"{'row':<22} {unit:>8} {'img/s':>8} {'vs ref':>7} {'vs full':>8} {'TFLOP/s':>8} {'% peak':>7}")
+    print(f"{'row':<{w}} {unit:>8} {'img/s':>8} {'vs ref':>8}" + (f" {'vs full':>8}" if args.what == "train" else "") + f" {'TFLOP/s':>8} {'% peak':>7}")
     for row in rows:
         tf = flops[row] / dt[row] / 1e12
-        vs_full = f"{dt[row] / dt[full_of(row)]:8.2f}" if full_of(row) in dt else f"{'':>8}"
+        vs_full = "" if args.what == "sample" else f" {dt[row] / dt[full_of(row)]:8.2f}" if full_of(row) in dt else f" {'':>8}"
         pk = peak["matmul peak bf16" if "bf16" in row else "matmul peak"]
-        print(f"{row:<22} {dt[row]:8.3f} {args.batch_size / dt[row]:8.3f} {dt[ref_of(row)] / dt[row]:7.2f}x {vs_full} {tf:8.3f} {100 * tf / pk:6.0f}%")
+        print(f"{row:<{w}} {dt[row]:8.3f} {args.batch_size / dt[row]:8.3f} {dt[ref_of(row)] / dt[row]:7.2f}x{vs_full} {tf:8.3f} {100 * tf / pk:6.0f}%")
 
 if __name__ == "__main__":
     try:
