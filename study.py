@@ -61,14 +61,15 @@ EXPERIMENTS = {
     "table4d": [(f"{r:g}x", "toy", DIFFFIT + ([] if r == 1 else ["--lr", f"{r * BASE_LR:g}"])) for r in (0.1, 1, 5, 10, 20)],
     "fig6": [(m, "toy", ["--method", m]) for m in ("full", "bitfit", "difffit", "adapt-parallel", "vpt-deep")],
     "posembed": [("with the trick", "toy-64", DIFFFIT + TOY64), ("without", "toy-64", DIFFFIT + TOY64 + ["--no-pos-trick"])],
-    "samplers": [("difffit", "toy", DIFFFIT)],  # the first seed's model, sampled by each of SAMPLERS with 2 noise seeds
+    "samplers": [("difffit", "toy", DIFFFIT)],  # the first seed's model, sampled by each of SAMPLERS with each of NOISE_SEEDS
     "difftuning": [(f"{m}{' + Diff-Tuning' * dt}", "toy", ["--method", m] + (["--diff-tuning", "BANK"] if dt else []))
                    for m in ("full", "difffit") for dt in (False, True)],
 }
 
 # quality vs network calls per sample (sample.py --sampler, --steps), each compared with DDPM-250
-SAMPLERS = [("ddpm", 250), ("ddpm", 100), ("ddpm", 50), ("ddim", 50), ("ddim", 25), ("ddim", 10),
-            ("dpm++", 25), ("dpm++", 20), ("dpm++", 15), ("dpm++", 10)]
+SAMPLERS = [("ddpm", 250), ("ddpm", 100), ("ddpm", 50), ("ddpm", 25), ("ddim", 50), ("ddim", 25), ("ddim", 10),
+            ("dpm++", 25), ("dpm++", 20), ("dpm++", 15), ("dpm++", 10), ("sde-dpm++", 25), ("sde-dpm++", 20), ("sde-dpm++", 15), ("sde-dpm++", 10)]
+NOISE_SEEDS = (0, 1, 2, 3)  # each sampler draws the same samples' start noise under seed k; 4 so that 2 standard errors mean something
 
 # the row each row is compared with: the default γ blocks, the 1x lr, the trick, the same method without Diff-Tuning
 VERSUS = {"table4b": lambda i: 1, "table4d": lambda i: 1, "posembed": lambda i: 0, "difftuning": lambda i: i - i % 2}
@@ -123,14 +124,14 @@ def read_run(run_dir):
                 base_acc=base["accuracy"], curve=curve, params=params, delta_mb=os.path.getsize(delta) / 1e6, s_step=s_step)
 
 def sampler_sweep(args, run_dir):
-    """{(sampler, steps): [judge result of noise seed 0, 1]} for the EMA of run_dir, cached in <out>/samplers.json."""
+    """{(sampler, steps): [judge result of each of NOISE_SEEDS]} for the EMA of run_dir, cached in <out>/samplers.json."""
     path = os.path.join(args.out, "samplers.json")
     done = {tuple(json.loads(k)): v for k, v in json.load(open(path)).items()} if os.path.exists(path) else {}
     model = difffit.load(os.path.join(run_dir, "delta.safetensors"))[0].eval()
     bf16 = models.bf16_chosen(args.precision, torch.device("cpu"))
     labels = list(range(model.num_classes)) * args.eval_per_class
     for name, steps in SAMPLERS:
-        for seed in (0, 1):
+        for seed in NOISE_SEEDS:
             if (name, steps, seed) in done:
                 continue
             t0 = time.time()
@@ -141,7 +142,7 @@ def sampler_sweep(args, run_dir):
             print(f"{name} {steps} seed {seed}: FD {m['frechet_distance']:.2f} | accuracy {m['accuracy']:.0%} | {time.time() - t0:.1f} s", flush=True)
             with open(path, "w") as f:
                 json.dump({json.dumps(k): v for k, v in done.items()}, f)
-    return {(name, steps): [done[(name, steps, seed)] for seed in (0, 1)] for name, steps in SAMPLERS}
+    return {(name, steps): [done[(name, steps, seed)] for seed in NOISE_SEEDS] for name, steps in SAMPLERS}
 
 def collect(args, names):
     """{(data, flags as a tuple): [read_run of each seed, or None where the run failed]} for the cells of `names`."""
@@ -240,7 +241,7 @@ def write_tables(results, names, args):
                  fmt([r["acc"] for r in runs], pct=True), f"{statistics.mean(r['seconds'] for r in runs):.1f}"] for (name, steps), runs in sweep.items()]
         n_img = sweep[("ddpm", 250)][0]["n"]
         out["samplers"] = (f"Samplers at toy scale: the judge's FD and accuracy of {n_img} samples (CFG 4) of the DiffFit model (seed 0, {args.steps} steps) "
-                           "by each sampler and number of network calls per sample, mean ± sd over 2 noise seeds; ΔFD vs DDPM-250, "
+                           f"by each sampler and number of network calls per sample, mean ± sd over {len(sweep[('ddpm', 250)])} noise seeds; ΔFD vs DDPM-250, "
                            f"'(noise)' where it is within 2 standard errors. Seconds for the {n_img} samples on this machine.\n\n"
                            + table(["sampler", "network calls", "FD", "ΔFD vs ddpm 250", "accuracy %", "seconds"], rows))
     if "fig6" in names:
