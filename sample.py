@@ -6,7 +6,7 @@ DiffFit: Xie et al. 2023, arXiv:2304.06648. DiT: Peebles & Xie 2022, arXiv:2212.
     python sample.py                                             # the latest run in results/ -> its sample.png
     python sample.py --delta results/000-food101-difffit/delta.safetensors --classes 0,1,2 --cfg-scale 4.0
     python sample.py --ckpt DiT-XL-2-256x256.pt --classes 207,360,387,974   # a published model (downloaded once)
-    torchrun --nproc_per_node=8 sample.py --delta ... --num-fid-samples 50000 --cfg-scale 1.5 --sampler dpm++ --steps 25
+    torchrun --nproc_per_node=8 sample.py --delta ... --num-fid-samples 50000 --cfg-scale 1.5 --sampler sde-dpm++ --steps 25
     torchrun --nproc_per_node=8 sample.py --ckpt DiT-XL-2-256x256.pt --num-bank-samples 10000 --cfg-scale 1.5
                                                                  # a Diff-Tuning knowledge bank (train.py --diff-tuning)
 """

@@ -84,7 +84,7 @@ parser.add_argument("--resume", default=None, help="a run folder, or 'latest', t
 parser.add_argument("--log-every", type=int, default=50, help="steps between log lines")
 parser.add_argument("--ckpt-every", type=int, default=500, help="steps between checkpoints")
 parser.add_argument("--sample-every", type=int, default=0, help="steps between EMA sample grids (0: at the end only)")
-parser.add_argument("--sampler", default="dpm++", choices=list(LOOPS), help="sampler of the grids and the toy measure (as sample.py)")
+parser.add_argument("--sampler", default="sde-dpm++", choices=list(LOOPS), help="sampler of the grids and the toy measure (as sample.py)")
 parser.add_argument("--sample-steps", type=int, default=20, help="network calls per sample of the grids and the toy measure (as sample.py --steps)")
 parser.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale of the sample grids (paper: 4.0 for pictures)")
 parser.add_argument("--eval-per-class", type=int, default=32, help="toy data only: samples per class for the toy measure at start and end (0: off)")
