@@ -62,7 +62,7 @@ parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # --what m
 
 class RefBlock(models.DiTBlock):
     """DiT's block as its models.py writes it: modulate, gate and γ as separate elementwise ops (attention is timm's
-    fused SDPA, the same as ours)."""
+    fused SDPA, which models.attention is in fp32)."""
 
     def forward(self, x, c):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)

@@ -68,6 +68,16 @@ class LabelEmbedder(nn.Module):
             y = torch.where(drop, self.num_classes, y)
         return self.embedding_table(y)
 
+def attention(q, k, v):
+    """softmax(q k^T / sqrt(hs)) v over (B, nh, T, hs): PyTorch's fused kernel, except when training in bf16 on a CPU
+    at up to 576 tokens (DiT at 256 px has 256). There the CPU flash kernel's backward is about twice as slow as these
+    three ops, which keep the (B, nh, T, T) weights for the backward instead (at 256 px as large as the MLP's hidden
+    activation). Their bf16 scores round a sharp softmax more than the fused kernel does, but a bf16 step's gradients
+    are as close to fp32's either way: the rounding of the linear layers dominates."""
+    if q.is_cpu and q.dtype == torch.bfloat16 and q.requires_grad and q.shape[-2] <= 576:
+        return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(-1) @ v  # (B, nh, T, hs)
+    return F.scaled_dot_product_attention(q, k, v)  # (B, nh, T, hs), scale 1/sqrt(hs)
+
 class Attention(nn.Module):
     """Multi-head self-attention with one fused qkv projection laid out [q; k; v], as in the checkpoints."""
 
@@ -84,7 +94,7 @@ class Attention(nn.Module):
         if self.gamma_qkv is not None:  # DiffFit Table 4c: γ also scales the qkv projection
             qkv = qkv * self.gamma_qkv.to(qkv.dtype)  # the cast keeps bf16 autocast in bf16; a no-op in fp32
         q, k, v = qkv.view(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, nh, T, hs)
-        x = F.scaled_dot_product_attention(q, k, v)  # (B, nh, T, hs), scale 1/sqrt(hs)
+        x = attention(q, k, v)  # (B, nh, T, hs)
         return self.proj(x.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
 
 class Mlp(nn.Module):

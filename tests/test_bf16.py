@@ -96,3 +96,25 @@ def test_fid_features_stay_fp32_inside_a_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         inside = fid.get_features(images, "legacy_pytorch", net, batch_size=2)
     assert np.array_equal(plain, inside)
+
+@pytest.mark.parametrize("tokens", [64, 256, 576])
+def test_cpu_bf16_training_attention_rounds_near_the_fused_kernel_and_is_it_elsewhere(tokens):
+    """Training in bf16 on a CPU, models.attention runs as three ops (faster than the CPU flash kernel's backward
+    there). Their bf16 scores round a sharp softmax more than the fused kernel's fp32 ones: within 2.5x its error
+    against float64 (a wrong scale or transpose is off by O(1))."""
+    torch.manual_seed(0)
+    q, k, v, grad = (torch.randn(2, 3, tokens, 64) * s for s in (2, 2, 1, 1))  # peaky weights: a hard softmax
+    exact = [t.double().requires_grad_() for t in (q, k, v)]
+    out = torch.nn.functional.scaled_dot_product_attention(*exact)
+    out.backward(grad.double())
+    errors = {}
+    for name, fn in (("fused", torch.nn.functional.scaled_dot_product_attention), ("ours", models.attention)):
+        qkv = [t.bfloat16().requires_grad_() for t in (q, k, v)]
+        o = fn(*qkv)
+        o.backward(grad.bfloat16())
+        errors[name] = [((a.double() - b).norm() / b.norm()).item() for a, b in zip([o] + [t.grad for t in qkv], [out] + [t.grad for t in exact])]
+    assert all(e < 2.5 * f for e, f in zip(errors["ours"], errors["fused"])), errors
+    # everywhere else (fp32, inference, longer sequences) it is the fused kernel itself
+    longer = [torch.randn(1, 2, 577, 64).bfloat16().requires_grad_() for _ in range(3)]
+    for args in ((q, k, v), [t.bfloat16() for t in (q, k, v)], longer):
+        assert torch.equal(models.attention(*args), torch.nn.functional.scaled_dot_product_attention(*args))
