@@ -1,7 +1,8 @@
 """
 Every bf16 path a GPU user takes, run on the CPU whatever it is (CPU autocast works everywhere, slowly without
 AVX512-BF16/AMX): training with frozen weights stored in bf16, resume, merge and delta export, sampling (grid, FID
-set, bank), the VAE, and the measures, which stay fp32. Tiny models, so seconds even without native bf16.
+set, bank), the VAE, and the measures, which stay fp32; and the CPU's own bf16 attention path. Tiny models, so
+seconds even without native bf16.
 
     python -m pytest tests/test_bf16.py
 """
