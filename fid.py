@@ -420,7 +420,7 @@ def main(args):
         acc = toy_accuracy(imgs, domain) if args.mode == "toy" and domain and src != domain and imgs is not None else None
         if acc is not None:
             k = toy.DOMAINS[domain]["classes"]
-            print(f"{src}: toy judge class accuracy {acc:.1%} (sample i has class i mod {k}, as sample.py writes them; chance {1 / k:.1%})")
+            print(f"{src}: toy judge class accuracy {acc:.1%} (sample i has class i mod {k}, as sample.py writes them; read among the judge's {toy.JUDGE_CLASSES} classes)")
 
 if __name__ == "__main__":
     try:

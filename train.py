@@ -445,7 +445,7 @@ def toy_eval(model, params, args, bf16, what, run_dir, step, log0):
     images = to_images(x)
     m = toy_measure(images, torch.tensor(labels), args.data)
     log0(f"toy measure, {what} at step {step}: Fréchet distance {m['frechet_distance']:.2f} (floor {m['floor']:.2f}, {m['n']} images) | "
-         f"accuracy {m['accuracy']:.0%} (chance {1 / model.num_classes:.0%}, real test images {m['real_accuracy']:.0%}) | judge: toy.py")
+         f"accuracy {m['accuracy']:.0%} (among the judge's {toy.JUDGE_CLASSES} classes; real test images {m['real_accuracy']:.0%}) | judge: toy.py")
     if what == "curve":  # --eval-every: one row per measure (a resumed run may redo a step: readers keep the last row of each)
         with open(os.path.join(run_dir, "toy_curve.csv"), "a") as f:
             f.write(("step,frechet_distance,floor,accuracy,n\n" if f.tell() == 0 else "") +

@@ -1,6 +1,6 @@
 """
 Tests of toy.py: the domains are deterministic, their splits disjoint, exports round-trip, and the shipped judge
-reads every domain's real test images and stays in fp32 under autocast.
+reads every domain's real test images (a class's shape and fill), and stays in fp32 under autocast.
 
     python -m pytest tests/test_toy.py
 """
@@ -114,6 +114,17 @@ def test_judge_reads_real_test_images(domain):
     assert feats.dtype == np.float64 and feats.shape == (len(images), 128)
     assert logits.shape == (len(images), toy.JUDGE_CLASSES)
     assert toy.accuracy(logits, labels, domain) >= 0.95
+
+
+def test_accuracy_needs_the_right_fill_not_only_the_shape():
+    """Each toy class has a shape of its own among the toy's 8 classes: a sample the judge reads as a source class (the
+    same shape with a source fill) is wrong, even where its own class beats the toy's other 7."""
+    toy_triangle = toy.HELD_OUT.index((toy.SHAPES.index("triangle"), toy.FILLS.index("vstripes")))
+    source_triangle = toy.SOURCE.index((toy.SHAPES.index("triangle"), toy.FILLS.index("checker")))
+    logits = torch.zeros(2, toy.JUDGE_CLASSES)
+    logits[:, toy.DOMAINS["toy"]["head"][0] + toy_triangle] = 1.0
+    logits[0, toy.DOMAINS["toy-source"]["head"][0] + source_triangle] = 2.0
+    assert toy.accuracy(logits, [toy_triangle] * 2, "toy") == 0.5
 
 
 @needs_judge
