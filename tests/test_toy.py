@@ -1,6 +1,6 @@
 """
 Tests of toy.py: the domains are deterministic, their splits disjoint, exports round-trip, and the shipped judge
-reads every domain's real test images (a class's shape and fill), and stays in fp32 under autocast.
+reads every domain's real test images, needs a class's shape and fill both right, and stays in fp32 under autocast.
 
     python -m pytest tests/test_toy.py
 """
