@@ -86,3 +86,12 @@ def test_a_run_train_py_stops_is_recorded_as_failed(tmp_path):
     assert study.run_cell(args, "toy", ["--method", "bitfit", "--lr", "1e30"], 0, None) is None  # the loss goes to NaN
     assert os.path.exists(tmp_path / "runs" / "toy-method-bitfit-lr-1e30" / "seed0" / "failed")
     assert study.run_cell(args, "toy", ["--method", "bitfit", "--lr", "1e30"], 0, None) is None  # and is not retried
+
+def test_every_run_names_the_measure_s_sampler_itself(tmp_path, monkeypatch):
+    argvs = []
+    monkeypatch.setattr(study.train.parser, "parse_args", lambda argv: argvs.append(argv))
+    monkeypatch.setattr(study.train, "main", lambda args: None)
+    args = study.parser.parse_args(["--sample-steps", "7", "--out", str(tmp_path)])
+    study.run_cell(args, "toy", ["--method", "bitfit"], 0, None)
+    argv = argvs[0]  # not train.py's default, which may change: the study's FDs must compare across its runs
+    assert argv[argv.index("--sampler") + 1] == study.MEASURE_SAMPLER and argv[argv.index("--sample-steps") + 1] == "7"
