@@ -265,7 +265,7 @@ CASES = [
     ("study.py --only table9", "--only table9: comma-separated names of table1"),
     ("study.py --seeds 0", "--seeds 0: use at least 1 seed"),
     ("study.py --steps 0", "--steps 0"),
-    ("study.py --sample-steps 1", "--sample-steps 1: DPM-Solver++ takes 2 .. 1000"),
+    ("study.py --sample-steps 1", "--sample-steps 1: SDE-DPM-Solver++ takes 2 .. 1000"),
     ("study.py --out {afile}/sub", "is a file, not a folder"),
     ("study.py --precision fp16", "argument --precision: invalid choice"),
     # bench.py and difffit.py
