@@ -4,7 +4,7 @@ The paper's experiments rerun on the toy world (toy.py) with seeds: Table 1 (eve
 (Table 3, Fig. 5), Diff-Tuning on top of full fine-tuning and of DiffFit, and the samplers' quality vs network calls.
 DiffFit: Xie et al. 2023, arXiv:2304.06648. Diff-Tuning: Zhong et al. 2024, arXiv:2406.00773.
 
-    python study.py                                   # all of it, 3 seeds: about 2 h 30 min on 2 CPU cores -> results/study/
+    python study.py                                   # all of it, 3 seeds: about 2 h 35 min on 2 CPU cores -> results/study/
     python study.py --only table4d,fig6               # some of it (runs other experiments share are reused)
     python study.py --steps 2 --seeds 1 --eval-per-class 1 --sample-steps 2 --out /tmp/study   # a smoke test
 
