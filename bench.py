@@ -238,11 +238,12 @@ def main(args):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py and sample.py
     if args.profile:  # the operators that take the time of one step (after a warm-up step)
+        torch._inductor.config.cpp.enable_kernel_profile = True  # compiled rows: each fused CPU kernel by name
         step = trainer(args.profile, device, args)
         step()
         with torch.profiler.profile() as prof:
             step()
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
         return
     if args.child:  # --what memory: one row for warmup + steps steps, then this process's peak
         step = trainer(args.child, device, args)

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from files import check_flags, load_file, published, unwritable, write_safetensors
-from models import DiT_models, get_2d_sincos_pos_embed, load_model, write_diffusers_dit
+from models import DiT_models, gelu_tanh, get_2d_sincos_pos_embed, load_model, write_diffusers_dit
 
 # -----------------------------------------------------------------------------
 # modules the comparison methods add (Table 1). Each takes over the frozen tensors of the module it replaces
@@ -59,7 +59,7 @@ class AdaptedMlp(nn.Module):
         self.sequential = sequential
 
     def forward(self, x):
-        h = self.fc2(F.gelu(self.fc1(x), approximate="tanh"))  # DiT's MLP, unchanged
+        h = self.fc2(gelu_tanh(self.fc1(x)))  # DiT's MLP, unchanged
         a = self.adapter_up(F.relu(self.adapter_down(h if self.sequential else x)))
         return h + 0.1 * a  # s = 0.1, AdaptFormer's scale
 

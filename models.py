@@ -98,6 +98,15 @@ class Attention(nn.Module):
         x = attention(q, k, v)  # (B, nh, T, hs)
         return self.proj(x.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
 
+def gelu_tanh(x):
+    """GELU with the tanh approximation, as DiT was trained: 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3).
+    Compiled, it is written as x sigmoid(2u), the same function, computed in fp32: Inductor's CPU tanh is the slow part
+    of a bf16 step (fp32 sigmoid: 18 vs 40 ms forward and backward at S/2's batch-32 shape on an AMX CPU)."""
+    if torch.compiler.is_compiling():
+        xf = x.float()
+        return (xf * torch.sigmoid(xf * (1.5957691216057308 + 0.07135481627260025 * xf * xf))).to(x.dtype)
+    return F.gelu(x, approximate="tanh")
+
 class Mlp(nn.Module):
     """Two Linears with a tanh-approximated GELU between them."""
 
@@ -107,7 +116,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(gelu_tanh(self.fc1(x)))
 
 class DiTBlock(nn.Module):
     """Transformer block whose LayerNorms are modulated by the conditioning c, with gated residuals (adaLN-Zero)."""
