@@ -70,11 +70,11 @@ class LabelEmbedder(nn.Module):
 
 def attention(q, k, v):
     """softmax(q k^T / sqrt(hs)) v over (B, nh, T, hs): PyTorch's fused kernel, except when training in bf16 on a CPU
-    at up to 576 tokens (DiT at 256 px has 256). There the CPU flash kernel's backward makes it about twice as slow as
-    these three ops (44 vs 19 ms at S/2's shape on an AVX512-BF16 Zen 4; README, speed and memory), which keep the
-    (B, nh, T, T) weights for the backward instead (at 256 px as large as the MLP's hidden activation). Their bf16
-    scores round a sharp softmax more than the fused kernel does, but a bf16 step's gradients are as close to fp32's
-    either way: the rounding of the linear layers dominates."""
+    at up to 576 tokens (DiT at 256 px has 256). There the CPU flash kernel's backward makes it slower than these
+    three ops (113 vs 85 ms at S/2's batch-32 shape on an AMX CPU, 44 vs 19 ms at batch 16 on a Zen 4; README, speed
+    and memory), which keep the (B, nh, T, T) weights for the backward instead (at 256 px as large as the MLP's hidden
+    activation). Their bf16 scores round a sharp softmax more than the fused kernel does, but a bf16 step's gradients
+    are as close to fp32's either way: the rounding of the linear layers dominates."""
     if q.is_cpu and q.dtype == torch.bfloat16 and q.requires_grad and q.shape[-2] <= 576:
         return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(-1) @ v  # (B, nh, T, hs)
     return F.scaled_dot_product_attention(q, k, v)  # (B, nh, T, hs), scale 1/sqrt(hs)
