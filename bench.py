@@ -253,7 +253,7 @@ def main(args):
         return
 
     # The rows: the reference-style loop of each method (fp32, cached latents), then ours in each precision.
-    has_bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    has_bf16 = models.native_bf16(device)
     precisions = {"auto": [" bf16" if has_bf16 else ""], "fp32": [""], "bf16": [" bf16"], "both": ["", " bf16"]}[args.precision]
     methods = args.methods.split(",")
     if args.what == "sample":

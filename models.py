@@ -357,11 +357,21 @@ DiT_models = {
     "DiT-S/2": DiT_S_2, "DiT-S/4": DiT_S_4, "DiT-S/8": DiT_S_8,
 }
 
+def native_bf16(device):
+    """CUDA, or a CPU with AVX512-BF16 or AMX; an AVX2-only CPU emulates bf16, hundreds of times slower than fp32."""
+    return torch.cuda.is_bf16_supported() if device.type == "cuda" else torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
 def bf16_chosen(precision, device):
-    """--precision in every script: bf16 autocast for "bf16", and for "auto" where the hardware runs bf16 natively
-    (CUDA, or a CPU with AVX512-BF16 or AMX: without them CPU bf16 is ~100x slower than fp32); fp32 otherwise."""
-    native = torch.cuda.is_bf16_supported() if device.type == "cuda" else torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return precision == "bf16" or (precision == "auto" and native)
+    """--precision in every script: bf16 autocast for "bf16", and for "auto" where the hardware runs bf16 natively."""
+    return precision == "bf16" or (precision == "auto" and native_bf16(device))
+
+def precision_note(precision, device):
+    """What --precision chose, as every script prints it; a warning where bf16 is asked of a CPU without it."""
+    bf16 = bf16_chosen(precision, device)
+    note = f"--precision {precision}: {'bf16 autocast' if bf16 else 'fp32'} on {device}"
+    if device.type == "cpu" and not native_bf16(device):
+        note += " (warning: no native bf16 on this CPU: hundreds of times slower; use --precision fp32)" if bf16 else " (no native bf16 on this CPU)"
+    return note
 
 # -----------------------------------------------------------------------------
 # the VAE of Stable Diffusion, which DiT works in (stabilityai/sd-vae-ft-ema and -mse; arXiv:2112.10752)

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 import toy
 from files import atomic_write, check_flags, unwritable
-from models import VAE_SCALE, bf16_chosen, load_vae
+from models import VAE_SCALE, bf16_chosen, precision_note, load_vae
 
 # -----------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description="Encode a dataset once into a memory-mapped VAE latent cache (python or torchrun).")
@@ -338,7 +338,7 @@ def main(args):
     vae = load_vae(args.vae).to(device).eval()
     bf16 = bf16_chosen(args.precision, device)
     if rank == 0:
-        print(f"--precision {args.precision}: {'bf16 autocast' if bf16 else 'fp32'} on {device}", flush=True)
+        print(precision_note(args.precision, device), flush=True)
     path = encode_cache(args.data, args.data_dir, args.split, args.image_size, vae, args.vae, args.batch_size,
                         rank, world, device, num_workers=args.num_workers, bf16=bf16)
     if rank == 0:

@@ -25,7 +25,7 @@ from tqdm import tqdm
 import difffit
 from diffusion import create_diffusion
 from files import atomic_write, check_flags, published, unwritable
-from models import VAE_SCALE, DiT_models, bf16_chosen, load_model, load_vae, raw_config
+from models import VAE_SCALE, DiT_models, bf16_chosen, load_model, load_vae, precision_note, raw_config
 
 # the sampler's loop in diffusion.py; every one makes one network call per kept step of the respaced chain
 LOOPS = {"ddpm": "p_sample_loop", "ddim": "ddim_sample_loop", "dpm++": "dpm_solver_sample_loop", "sde-dpm++": "sde_dpm_solver_sample_loop"}
@@ -237,7 +237,7 @@ def main(args):
     vae = load_vae(args.vae).to(device).eval() if model.in_channels == 4 else None
     bf16 = bf16_chosen(args.precision, device)
     if rank == 0:
-        print(f"--precision {args.precision}: {'bf16 autocast' if bf16 else 'fp32'} on {device}", flush=True)
+        print(precision_note(args.precision, device), flush=True)
 
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         out = output(args, src)

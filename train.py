@@ -37,7 +37,7 @@ import prepare
 import toy
 from diffusion import create_diffusion
 from files import atomic_write, check_flags, load_arrays, load_file, published, unwritable
-from models import VAE_SCALE, DiT_models, bf16_chosen, load_model, load_vae, raw_config, save_model
+from models import VAE_SCALE, DiT_models, bf16_chosen, load_model, load_vae, precision_note, raw_config, save_model
 from prepare import DATASETS
 from sample import LOOPS, generate, make_diffusion, save_grid, to_images
 
@@ -531,7 +531,7 @@ def main(args):
         n_trained = sum(p.numel() for p in trained.values())
         n_total = sum(p.numel() for n, p in model.named_parameters() if n != "pos_embed")
         log0(f"args: {json.dumps(vars(args))}")
-        log0(f"git {git_info()} | torch {torch.__version__} | {world} x {device} | --precision {args.precision}: {'bf16 autocast' if bf16 else 'fp32'}")
+        log0(f"git {git_info()} | torch {torch.__version__} | {world} x {device} | {precision_note(args.precision, device)}")
         log0(f"{args.method}: {n_trained:,} of {n_total:,} parameters train ({100 * n_trained / n_total:.3f}%) | {run_dir}")
         if metrics and step == 0:
             metrics.writerow(["step", "loss", "lr", "img_per_s"])

@@ -119,3 +119,13 @@ def test_cpu_bf16_training_attention_rounds_near_the_fused_kernel_and_is_it_else
     longer = [torch.randn(1, 2, 577, 64).bfloat16().requires_grad_() for _ in range(3)]
     for args in ((q, k, v), [t.bfloat16() for t in (q, k, v)], longer):
         assert torch.equal(models.attention(*args), torch.nn.functional.scaled_dot_product_attention(*args))
+
+@pytest.mark.parametrize("native", [True, False])
+def test_precision_note_says_what_was_chosen_and_warns_of_emulated_bf16(monkeypatch, native):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    cpu = torch.device("cpu")
+    assert models.bf16_chosen("auto", cpu) == native and models.bf16_chosen("bf16", cpu) and not models.bf16_chosen("fp32", cpu)
+    auto, bf16, fp32 = (models.precision_note(p, cpu) for p in ("auto", "bf16", "fp32"))
+    assert auto.startswith("--precision auto: bf16 autocast on cpu" if native else "--precision auto: fp32 on cpu")
+    assert bf16.startswith("--precision bf16: bf16 autocast on cpu") and fp32.startswith("--precision fp32: fp32 on cpu")
+    assert ("warning" in bf16) == (not native) and "warning" not in auto + fp32  # only bf16 asked of a CPU without it
