@@ -161,7 +161,10 @@ def to_images(x, vae=None):
     return (127.5 * x.float() + 128).clamp(0, 255).permute(0, 2, 3, 1).to("cpu", torch.uint8)  # DiT's rounding
 
 def save_grid(images, path, nrow=8):
-    """uint8 (N, H, W, 3) -> one PNG with 2-pixel white gaps."""
+    """uint8 (N, H, W, 3) -> one PNG with 2-pixel white gaps. Images under 128 px are shown 128 // H times larger
+    (nearest neighbour), so a grid of 32-px toy samples is readable; FID sets keep their own pixels."""
+    scale = max(1, 128 // images.shape[1])  # 32 px -> 4x, 256 px -> 1x
+    images = images.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
     n, h, w, _ = images.shape
     nrow = min(n, nrow)
     grid = np.full((math.ceil(n / nrow) * (h + 2) + 2, nrow * (w + 2) + 2, 3), 255, np.uint8)

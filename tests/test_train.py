@@ -92,6 +92,19 @@ def test_sample_cli_is_deterministic(tmp_path, base):
         outs.append((tmp_path / name).read_bytes())
     assert outs[0] == outs[1]
 
+@pytest.mark.parametrize("size, scale", [(32, 4), (100, 1), (256, 1)])
+def test_grid_shows_small_images_larger_and_keeps_every_pixel(tmp_path, size, scale):
+    import numpy as np
+    from PIL import Image
+    images = torch.randint(0, 256, (3, size, size, 3), dtype=torch.uint8)
+    sample.save_grid(images, str(tmp_path / "g.png"), nrow=2)
+    grid = torch.from_numpy(np.array(Image.open(tmp_path / "g.png")))
+    s = size * scale
+    assert grid.shape == (2 * (s + 2) + 2, 2 * (s + 2) + 2, 3)
+    third = grid[s + 4:2 * s + 4, 2:s + 2]  # second row, first column: image 2, each pixel a scale x scale block
+    assert torch.equal(third[::scale, ::scale], images[2]) and torch.equal(third, images[2].repeat_interleave(scale, 0).repeat_interleave(scale, 1))
+    assert (grid[s + 2:s + 4] == 255).all() and (grid[s + 4:, s + 4:] == 255).all()  # white gaps and the empty cell
+
 def test_fid_sample_set_is_balanced_and_resumable(tmp_path, base):
     model = load_model(base).eval()
     args = sample.parser.parse_args(["--num-fid-samples", "10", "--batch-size", "4", "--steps", "2", "--cfg-scale", "1"])
