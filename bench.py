@@ -266,6 +266,9 @@ def main(args):
     full_of = lambda row: None if args.what == "sample" else row.replace(method_of(row), "full")  # same setting, full fine-tuning
     print(f"{args.model} @ {args.image_size}px ({args.image_size // 8}x{args.image_size // 8} latents), batch {args.batch_size}, "
           f"{device.type} ({torch.get_num_threads()} threads), torch {torch.__version__}, native bf16: {has_bf16}")
+    if not has_bf16 and " bf16" in precisions:
+        print(f"warning: no native bf16 on this {device.type}: the bf16 rows are emulated, far slower than fp32 (--precision fp32)",
+              file=sys.stderr)
 
     w = max(22, *map(len, rows))  # the row names' column
     if args.what == "memory":  # a fresh process per row, so each peak is its own
