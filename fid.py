@@ -31,7 +31,8 @@ from prepare import DATASETS, IMAGE_EXTENSIONS, open_dataset
 # -----------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description="FID between any two of: image folder, samples .npz, statistics .npz, dataset name.")
 # inputs
-parser.add_argument("inputs", nargs="+", help="one or two of: an image folder (recursive), a samples .npz (arr_0: uint8 N,H,W,3), a statistics .npz, a dataset name")
+parser.add_argument("inputs", nargs="+",
+                    help="one or two of: an image folder (recursive), a samples .npz (arr_0: uint8 N,H,W,3), a statistics .npz, a dataset name")
 parser.add_argument("--ref", default=None, help="the reference to score against (same kinds as the inputs), e.g. food101")
 parser.add_argument("--split", default="train", help="split of a named dataset")
 parser.add_argument("--image-size", type=int, default=256, help="resolution a named dataset is centre-cropped to (the toy's are their own)")
@@ -39,7 +40,8 @@ parser.add_argument("--data-dir", default="data", help="where named datasets liv
 parser.add_argument("--save-stats", default=None, metavar="OUT.npz", help="write the statistics of the one input to OUT.npz instead of scoring")
 # features
 parser.add_argument("--mode", default="clean", choices=["clean", "legacy_pytorch", "toy"],
-                    help="clean: clean-fid's antialiased resize; legacy_pytorch: exactly pytorch-fid; toy: the toy judge's features (toy.py), not comparable with published FIDs")
+                    help="clean: clean-fid's antialiased resize; legacy_pytorch: exactly pytorch-fid; "
+                         "toy: the toy judge's features (toy.py), not comparable with published FIDs")
 parser.add_argument("--weights", default=None, help="path of pt_inception-2015-12-05-6726825d.pth (default: $FID_INCEPTION_WEIGHTS, then the torch.hub cache)")
 parser.add_argument("--download", action="store_true", help="download the Inception weights if they are not found")
 parser.add_argument("--allow-mode-mismatch", action="store_true", help="compare statistics made in different modes anyway")
@@ -320,7 +322,8 @@ def compare(stats1, stats2, allow_mode_mismatch=False):
                          "the toy mode's and the Inception's cannot be compared")
     for m in (m1, m2):
         if m.get("num_images", np.inf) <= len(mu1):
-            warnings.warn(f"{m['num_images']} samples <= {len(mu1)} feature dims: the covariance is singular and the FID unreliable (use >= 10k; 50k is standard)")
+            warnings.warn(f"{m['num_images']} samples <= {len(mu1)} feature dims: the covariance is singular and the FID unreliable "
+                          "(use >= 10k; 50k is standard)")
     return frechet_distance(mu1, s1, mu2, s2)
 
 # -----------------------------------------------------------------------------
@@ -420,7 +423,8 @@ def main(args):
         acc = toy_accuracy(imgs, domain) if args.mode == "toy" and domain and src != domain and imgs is not None else None
         if acc is not None:
             k = toy.DOMAINS[domain]["classes"]
-            print(f"{src}: toy judge class accuracy {acc:.1%} (sample i has class i mod {k}, as sample.py writes them; read among the judge's {toy.JUDGE_CLASSES} classes)")
+            print(f"{src}: toy judge class accuracy {acc:.1%} (sample i has class i mod {k}, as sample.py writes them; "
+                  f"read among the judge's {toy.JUDGE_CLASSES} classes)")
 
 if __name__ == "__main__":
     try:

@@ -74,7 +74,8 @@ DATASETS = {
     "caltech101":    dict(classes=101, tv="Caltech101", splits={"train": None}, how="pass --download (from data.caltech.edu)"),
     "flowers102":    dict(classes=102, tv="Flowers102", splits={"train": "train", "val": "val", "test": "test"}, how="pass --download (from robots.ox.ac.uk)"),
     "stanford_cars": dict(classes=196, tv="StanfordCars", splits={"train": "train", "test": "test"},
-                          how="torchvision cannot download it (the Stanford URL is dead): put cars_train/, cars_test/, devkit/ and cars_test_annos_withlabels.mat from a mirror (e.g. Kaggle) into <data-dir>/stanford_cars/stanford_cars/"),
+                          how="torchvision cannot download it (the Stanford URL is dead): put cars_train/, cars_test/, devkit/ and "
+                              "cars_test_annos_withlabels.mat from a mirror (e.g. Kaggle) into <data-dir>/stanford_cars/stanford_cars/"),
     "cub200":        dict(classes=200, how="make it from CUB_200_2011.tgz and its train_test_split.txt as the top of prepare.py shows"),
     "artbench10":    dict(classes=10, how="unpack the ArtBench-10 256x256 ImageFolder release there (see the top of prepare.py)"),
     # DF20-Mini: 182 classes = distinct class_id/scientificName in the DF20M metadata; the dataset authors' DF20M models have 182

@@ -31,13 +31,15 @@ import train
 from files import check_flags, unwritable
 
 parser = argparse.ArgumentParser(description="The paper's tables and figures at toy scale, with seeds (CPU).")
-parser.add_argument("--only", default=None, help="comma-separated experiments to run and write (default: all of table1, table4b, table4d, fig6, posembed, samplers, difftuning)")
+parser.add_argument("--only", default=None,
+                    help="comma-separated experiments to run and write (default: all of table1, table4b, table4d, fig6, posembed, samplers, difftuning)")
 parser.add_argument("--seeds", type=int, default=3, help="seeds per cell (0, 1, ...)")
 parser.add_argument("--steps", type=int, default=200, help="optimizer steps of every run (batch 32); the curves measure 4 times along the way")
 parser.add_argument("--eval-per-class", type=int, default=16, help="samples per class of each toy measure")
 parser.add_argument("--sample-steps", type=int, default=10, help="SDE-DPM-Solver++ network calls per sample of each toy measure")
 parser.add_argument("--bank-samples", type=int, default=1024, help="Diff-Tuning: samples of the base in the knowledge bank")
-parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="training and sampling: bf16 autocast where the hardware has it (auto); the judge is fp32")
+parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                    help="training and sampling: bf16 autocast where the hardware has it (auto); the judge is fp32")
 parser.add_argument("--out", default="results/study", help="where the runs, tables and plots go")
 
 # -----------------------------------------------------------------------------

@@ -56,7 +56,8 @@ parser.add_argument("--vae", default="ema", help="SD VAE: ema or mse (the encode
 parser.add_argument("--num-workers", type=int, default=4, help="image-decoding processes per rank (--no-cache)")
 # model
 parser.add_argument("--model", default="DiT-XL/2", choices=list(DiT_models), help="DiT config of a raw published checkpoint (ours carry their own)")
-parser.add_argument("--ckpt", default=None, help="base (default: DiT-XL-2-256x256.pt, downloaded; the toy: assets/toy_base.safetensors; toy-source: scratch); 'scratch' = random init")
+parser.add_argument("--ckpt", default=None, help="base (default: DiT-XL-2-256x256.pt, downloaded; the toy: assets/toy_base.safetensors; "
+                                                  "toy-source: scratch); 'scratch' = random init")
 parser.add_argument("--no-pos-trick", action="store_true", help="from a lower-resolution base: the plain sin-cos table, not the interpolated one (§4.3)")
 # difffit
 parser.add_argument("--method", default="difffit", choices=list(difffit.METHODS), help="which parameters train")
@@ -312,8 +313,9 @@ def claim_run_dir(results_dir, name):
             continue
 
 def open_run(args, ckpt):
-    """(run folder, log.txt, metrics.csv), the files open for appending. A resumed run's logs are cut back to what they
-    held at its checkpoint, so the steps after it (redone now) are not logged twice, and a crash's temp files go."""
+    """(run folder, log.txt, metrics.csv), the files open for appending; a new CSV gets its header. A resumed run's
+    logs are cut back to what they held at its checkpoint, so the steps after it (redone now) are not logged twice,
+    and a crash's temp files go."""
     if ckpt is None:
         name = f"{os.path.basename(os.path.normpath(args.data))}-{args.method}" + ("-difftuning" if args.diff_tuning else "")
         run_dir = claim_run_dir(args.results_dir, name)
@@ -325,7 +327,11 @@ def open_run(args, ckpt):
             with open(os.path.join(run_dir, name), "a") as f:
                 if f.tell() > size:  # (never longer: truncate would pad a shorter file with zeros)
                     f.truncate(size)
-    return run_dir, open(os.path.join(run_dir, "log.txt"), "a"), open(os.path.join(run_dir, "metrics.csv"), "a", newline="")
+    metrics_file = open(os.path.join(run_dir, "metrics.csv"), "a", newline="")
+    if ckpt is None:
+        csv.writer(metrics_file).writerow(["step", "loss", "lr", "img_per_s"])
+        metrics_file.flush()
+    return run_dir, open(os.path.join(run_dir, "log.txt"), "a"), metrics_file
 
 def close_run(run_dir, log, metrics_file):
     """Close the logs. A folder without a checkpoint holds nothing to resume, so a run that fails before its first one
@@ -361,6 +367,14 @@ def save_checkpoint(path, delta, ema, opt, step, rngs, args, logs):
                 logs={os.path.basename(f.name): f.tell() for f in logs})
     atomic_write(path, lambda f: torch.save(ckpt, f))
 
+def restore(ckpt, opt, rank, device):
+    """A resumed run's (EMA, step); loads its optimizer state and this rank's RNG streams."""
+    opt.load_state_dict(ckpt["opt"])
+    torch.set_rng_state(ckpt["rng"][rank]["cpu"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"])
+    return {k: v.to(device) for k, v in ckpt["ema"].items()}, ckpt["step"]
+
 @contextlib.contextmanager
 def swapped_in(model, params):
     """Temporarily load `params` (e.g. the EMA) into the model's trained parameters."""
@@ -370,6 +384,17 @@ def swapped_in(model, params):
         yield model
     finally:
         difffit.copy_params(model, backup)
+
+def export(ema, spec, config, args, run_dir):
+    """The run's results: the delta of the EMA tensors and, where the method merges, the plain DiT; says what it wrote."""
+    delta = difffit.make_delta(ema, spec, config, difffit.base_ref(args.ckpt))
+    difffit.save_delta(os.path.join(run_dir, "delta.safetensors"), delta)
+    wrote = f"{run_dir}/delta.safetensors ({os.path.getsize(os.path.join(run_dir, 'delta.safetensors')) / 1e6:.2f} MB)"
+    if args.method in difffit.MERGEABLE:  # adapters and prompts are modules a plain DiT lacks: delta only
+        merged, _ = difffit.load(delta)  # base + delta in fp32, from the files, as sample.py loads them
+        save_model(os.path.join(run_dir, "model.safetensors"), difffit.merge(merged), {**config, "num_classes": spec["num_classes"]})
+        wrote += f" and {run_dir}/model.safetensors (merged)"
+    return wrote
 
 def save_samples(model, ema, args, num_classes, vae, bf16, path):
     """A grid of 16 EMA samples (the classes in turn), with the run's sampling settings."""
@@ -494,13 +519,8 @@ def main(args):
     opt = torch.optim.AdamW(trained.values(), lr=args.lr, weight_decay=0, fused=device.type == "cuda")  # DiT: AdamW, wd 0
     diffusion = create_diffusion("")  # training sees all 1000 steps
     step = 0
-    if ckpt is not None:  # resume: EMA, optimizer, step and every rank's RNG streams (the tensors came with the delta)
-        ema = {k: v.to(device) for k, v in ckpt["ema"].items()}
-        opt.load_state_dict(ckpt["opt"])
-        step = ckpt["step"]
-        torch.set_rng_state(ckpt["rng"][rank]["cpu"])
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"])
+    if ckpt is not None:  # resume: EMA, optimizer, step and this rank's RNG streams (the trained tensors came with the delta)
+        ema, step = restore(ckpt, opt, rank, device)
     train_model = torch.compile(model) if args.compile else model
     if ddp:
         train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -533,9 +553,6 @@ def main(args):
         log0(f"args: {json.dumps(vars(args))}")
         log0(f"git {git_info()} | torch {torch.__version__} | {world} x {device} | {precision_note(args.precision, device)}")
         log0(f"{args.method}: {n_trained:,} of {n_total:,} parameters train ({100 * n_trained / n_total:.3f}%) | {run_dir}")
-        if metrics and step == 0:
-            metrics.writerow(["step", "loss", "lr", "img_per_s"])
-            metrics_file.flush()
         measure = rank == 0 and is_toy and args.eval_per_class and args.ckpt != "scratch"  # the toy: the base is the ceiling
         if measure and step == 0:
             toy_eval(model, {}, args, bf16, "base", run_dir, step, log0)
@@ -606,14 +623,7 @@ def main(args):
 
         # The results (rank 0): the delta (EMA of the trained tensors), the merged plain DiT, a grid of EMA samples.
         if rank == 0:
-            delta = difffit.make_delta(ema, spec, config, difffit.base_ref(args.ckpt))
-            difffit.save_delta(os.path.join(run_dir, "delta.safetensors"), delta)
-            wrote = f"{run_dir}/delta.safetensors ({os.path.getsize(os.path.join(run_dir, 'delta.safetensors')) / 1e6:.2f} MB)"
-            if args.method in difffit.MERGEABLE:  # adapters and prompts are modules a plain DiT lacks: delta only
-                merged, _ = difffit.load(delta)  # base + delta in fp32, from the files, as sample.py loads them
-                save_model(os.path.join(run_dir, "model.safetensors"), difffit.merge(merged), {**config, "num_classes": spec["num_classes"]})
-                wrote += f" and {run_dir}/model.safetensors (merged)"
-            log0(f"wrote {wrote}")
+            log0(f"wrote {export(ema, spec, config, args, run_dir)}")
             save_samples(model, ema, args, info["classes"], vae, bf16, os.path.join(run_dir, "samples.png"))
             if measure:  # the toy
                 toy_eval(model, ema, args, bf16, "ema", run_dir, step, log0)
