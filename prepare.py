@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 import toy
 from files import atomic_write, check_flags, unwritable
-from models import VAE_SCALE, bf16_chosen, precision_note, load_vae
+from models import VAE_SCALE, bf16_chosen, load_vae, precision_note
 
 # -----------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description="Encode a dataset once into a memory-mapped VAE latent cache (python or torchrun).")
