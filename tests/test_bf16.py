@@ -129,3 +129,10 @@ def test_precision_note_says_what_was_chosen_and_warns_of_emulated_bf16(monkeypa
     assert auto.startswith("--precision auto: bf16 autocast on cpu" if native else "--precision auto: fp32 on cpu")
     assert bf16.startswith("--precision bf16: bf16 autocast on cpu") and fp32.startswith("--precision fp32: fp32 on cpu")
     assert ("warning" in bf16) == (not native) and "warning" not in auto + fp32  # only bf16 asked of a CPU without it
+
+def test_auto_leaves_a_gpu_that_only_emulates_bf16_in_fp32(monkeypatch):
+    # torch.cuda.is_bf16_supported() is True on pre-Ampere GPUs too, where bf16 is emulated; native means Ampere on
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    gpu = torch.device("cuda:0")
+    assert not models.native_bf16(gpu) and not models.bf16_chosen("auto", gpu) and models.bf16_chosen("bf16", gpu)
+    assert "warning" in models.precision_note("bf16", gpu)
