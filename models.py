@@ -360,8 +360,8 @@ DiT_models = {
 def native_bf16(device):
     """A CUDA GPU from Ampere on, or a CPU with AVX512-BF16 or AMX. Older GPUs and AVX2-only CPUs emulate bf16, far slower
     than fp32 (a 2048² matmul on a Zen 3: 0.0003 TFLOP/s against 0.14), so "auto" leaves them in fp32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cuda":  # compute capability 8.0 on (ROCm GPUs all have it); is_bf16_supported() counts emulation
+        return torch.version.hip is not None or torch.cuda.get_device_capability(device)[0] >= 8
     return torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 def bf16_chosen(precision, device):

@@ -132,7 +132,8 @@ def test_precision_note_says_what_was_chosen_and_warns_of_emulated_bf16(monkeypa
 
 def test_auto_leaves_a_gpu_that_only_emulates_bf16_in_fp32(monkeypatch):
     # torch.cuda.is_bf16_supported() is True on pre-Ampere GPUs too, where bf16 is emulated; native means Ampere on
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
     gpu = torch.device("cuda:0")
-    assert not models.native_bf16(gpu) and not models.bf16_chosen("auto", gpu) and models.bf16_chosen("bf16", gpu)
-    assert "warning" in models.precision_note("bf16", gpu)
+    for capability, native in ((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True):  # V100, T4, A100, H100
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        assert models.native_bf16(gpu) == models.bf16_chosen("auto", gpu) == native and models.bf16_chosen("bf16", gpu)
+        assert ("warning" in models.precision_note("bf16", gpu)) == (not native)
