@@ -173,22 +173,34 @@ def save_grid(images, path, nrow=8):
         grid[2 + r * (h + 2):r * (h + 2) + h + 2, 2 + c * (w + 2):c * (w + 2) + w + 2] = im
     atomic_write(path, lambda f: Image.fromarray(grid).save(f, format="PNG"))
 
-def shard(n, batch_size, rank, world):
-    """This rank's batches of an n-sample set: (b, sample ids); sample i has class i mod K, batch b seed (seed, b)."""
+def shard(n, batch_size, rank, world, seed):
+    """This rank's batches of an n-sample set: (b, sample ids, noise seed). Batch b of --seed s is drawn with seed
+    s·1_000_003 + b, so sets with different seeds share no batch and a set is the same over any number of ranks."""
     for b in range(rank, math.ceil(n / batch_size), world):
-        yield b, range(b * batch_size, min(n, (b + 1) * batch_size))
+        yield b, range(b * batch_size, min(n, (b + 1) * batch_size)), seed * 1_000_003 + b
+
+def write_grid(model, diffusion, args, labels, vae, out):
+    """A grid of samples of the labels, drawn --batch-size at a time as the sets are: every class of a 1000-class
+    base is 1000 samples, more than one forward pass and one VAE decode should hold."""
+    batches = list(shard(len(labels), args.batch_size, 0, 1, args.seed))
+    images = []
+    for _, ids, seed in tqdm(batches, desc="grid", disable=len(batches) == 1):  # one batch: a bar over its steps instead
+        x = generate(model, diffusion, [labels[i] for i in ids], args.cfg_scale, seed, args.sampler,
+                     None if args.guide_all_channels else 3, progress=len(batches) == 1)
+        images.append(to_images(x, vae))
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    save_grid(torch.cat(images), out, nrow=max(8, args.per_class) if args.per_class > 1 else 8)
 
 def write_fid_samples(model, diffusion, args, vae, out, rank, world):
     """N class-balanced samples as PNGs in `out`, then an ADM .npz (arr_0: uint8 N, H, W, 3) beside it. A PNG that
     exists is complete and is never redrawn, so an interrupted run resumes where it stopped."""
     os.makedirs(out, exist_ok=True)
     n, k = args.num_fid_samples, model.num_classes
-    for b, ids in tqdm(list(shard(n, args.batch_size, rank, world)), desc="fid samples", disable=rank != 0):
+    for b, ids, seed in tqdm(list(shard(n, args.batch_size, rank, world, args.seed)), desc="fid samples", disable=rank != 0):
         files = [os.path.join(out, f"{i:06d}.png") for i in ids]
         if all(os.path.exists(f) for f in files):
             continue
-        x = generate(model, diffusion, [i % k for i in ids], args.cfg_scale, args.seed * 1_000_003 + b, args.sampler,
-                     None if args.guide_all_channels else 3)
+        x = generate(model, diffusion, [i % k for i in ids], args.cfg_scale, seed, args.sampler, None if args.guide_all_channels else 3)
         for f, im in zip(files, to_images(x, vae).numpy()):
             atomic_write(f, lambda fh: Image.fromarray(im).save(fh, format="PNG"))
     if world > 1:
@@ -204,11 +216,10 @@ def write_bank(model, diffusion, args, out, rank, world):
     parts = out + ".parts"
     os.makedirs(parts, exist_ok=True)
     n, k = args.num_bank_samples, model.num_classes
-    for b, ids in tqdm(list(shard(n, args.batch_size, rank, world)), desc="bank", disable=rank != 0):
+    for b, ids, seed in tqdm(list(shard(n, args.batch_size, rank, world, args.seed)), desc="bank", disable=rank != 0):
         f = os.path.join(parts, f"{b:06d}.npy")
         if not os.path.exists(f):
-            x = generate(model, diffusion, [i % k for i in ids], args.cfg_scale, args.seed * 1_000_003 + b, args.sampler,
-                         None if args.guide_all_channels else 3)
+            x = generate(model, diffusion, [i % k for i in ids], args.cfg_scale, seed, args.sampler, None if args.guide_all_channels else 3)
             atomic_write(f, lambda fh: np.save(fh, x.cpu().numpy()))
     if world > 1:
         dist.barrier()
@@ -254,9 +265,7 @@ def main(args):
             if bad:
                 raise ValueError(f"--classes {bad} out of range: this model has classes 0..{model.num_classes - 1}")
             labels = [c for c in classes for _ in range(args.per_class)]
-            x = generate(model, diffusion, labels, args.cfg_scale, args.seed, args.sampler, None if args.guide_all_channels else 3, progress=True)
-            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-            save_grid(to_images(x, vae), out, nrow=max(8, args.per_class) if args.per_class > 1 else 8)
+            write_grid(model, diffusion, args, labels, vae, out)
             print(f"wrote {out} ({len(labels)} samples, {args.sampler} {args.steps} steps, cfg {args.cfg_scale}, seed {args.seed})")
     if ddp:
         dist.destroy_process_group()

@@ -371,7 +371,7 @@ def restore(ckpt, opt, rank, device):
     """A resumed run's (EMA, step); loads its optimizer state and this rank's RNG streams."""
     opt.load_state_dict(ckpt["opt"])
     torch.set_rng_state(ckpt["rng"][rank]["cpu"])
-    if device.type == "cuda":
+    if device.type == "cuda" and len(ckpt["rng"][rank]["cuda"]):  # a run begun on a CPU has no CUDA stream: it stays seeded
         torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"])
     return {k: v.to(device) for k, v in ckpt["ema"].items()}, ckpt["step"]
 

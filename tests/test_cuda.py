@@ -25,6 +25,15 @@ def test_training_on_cuda_picks_bf16_and_its_delta_loads_on_cpu(tmp_path, base):
     model, _ = difffit.load(os.path.join(run_dir, "delta.safetensors"))  # on the CPU, in fp32
     assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in model.parameters())
 
+def test_a_run_begun_on_the_cpu_resumes_on_cuda(tmp_path, base, monkeypatch):
+    flags = ["--ckpt", base, "--results-dir", str(tmp_path), "--global-batch-size", "8", "--sample-steps", "2", "--eval-per-class", "0"]
+    with monkeypatch.context() as m:
+        m.setattr(torch.cuda, "is_available", lambda: False)
+        run_dir = train.main(train.parser.parse_args(flags + ["--max-steps", "2"]))  # its checkpoint has no CUDA RNG state
+    train.main(train.parser.parse_args(["--resume", run_dir, "--max-steps", "3"]))
+    log = open(os.path.join(run_dir, "log.txt")).read()
+    assert "1 x cpu" in log and "1 x cuda:0" in log and "step      3/3" in log
+
 def test_dit_attention_runs_on_flash_sdpa_in_bf16(base):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     model = load_model(base)[0].cuda().eval()

@@ -92,6 +92,20 @@ def test_sample_cli_is_deterministic(tmp_path, base):
         outs.append((tmp_path / name).read_bytes())
     assert outs[0] == outs[1]
 
+def test_a_grid_is_drawn_batch_size_samples_at_a_time(tmp_path, base, monkeypatch):
+    import numpy as np
+    from PIL import Image
+    sizes, generate = [], sample.generate
+    monkeypatch.setattr(sample, "generate", lambda model, diffusion, labels, *a, **k: sizes.append(len(labels)) or generate(model, diffusion, labels, *a, **k))
+    grid = lambda name, *flags: sample.main(sample.parser.parse_args(["--ckpt", base, "--steps", "2", "--precision", "fp32",
+                                                                      "--out", str(tmp_path / name), *flags])) or np.array(Image.open(tmp_path / name))
+    five = grid("five.png", "--classes", "0,1,2,0,1", "--batch-size", "3")
+    assert sizes == [3, 2]  # the forward passes
+    three = grid("three.png", "--classes", "0,1,2", "--batch-size", "3")  # batch 0 alone
+    s = 4 * 32 + 2  # a 32-px sample shown at 4x, and its gap
+    assert five.shape == (s + 2, 5 * s + 2, 3) and np.array_equal(five[:, :3 * s + 2], three)
+    assert not np.array_equal(five[:, 2:s], five[:, 3 * s + 2:4 * s])  # class 0 again, in batch 1: its own noise, not batch 0's
+
 @pytest.mark.parametrize("size, scale", [(32, 4), (100, 1), (256, 1)])
 def test_grid_shows_small_images_larger_and_keeps_every_pixel(tmp_path, size, scale):
     import numpy as np
