@@ -13,6 +13,7 @@ import os
 import pickle
 import re
 import sys
+import time
 import urllib.request
 import warnings
 import zipfile
@@ -174,9 +175,14 @@ def published(name):
     return name in PRETRAINED or f"{name}/transformer/config.json" in PRETRAINED
 
 def pretrained_file(name):
-    """Path of a published file, downloaded into PRETRAINED_DIR the first time. A hash not yet in PRETRAINED is
-    recorded next to the file (<name>.sha256) on first download, and every later download must match it."""
+    """Path of a published file, downloaded into PRETRAINED_DIR the first time (under torchrun by local rank 0 only; the
+    node's other processes wait for it). A hash not yet in PRETRAINED is recorded next to the file (<name>.sha256) on
+    first download, and every later download must match it."""
     path = os.path.join(PRETRAINED_DIR, name)
+    if not os.path.exists(path) and int(os.environ.get("LOCAL_RANK", 0)) > 0:  # under torchrun one process per node downloads
+        print(f"local rank {os.environ['LOCAL_RANK']}: waiting for local rank 0 to download {path}", flush=True)
+        while not os.path.exists(path):  # it lands atomically; if local rank 0 fails, torchrun stops this process too
+            time.sleep(1)
     if not os.path.exists(path):
         url, sha = PRETRAINED[name]
         recorded = path + ".sha256"

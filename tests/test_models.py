@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from conftest import ROOT
 from models import DiT, DiT_models, gelu_tanh, get_2d_sincos_pos_embed, load_dit_state_dict, timestep_embedding
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
@@ -275,6 +276,36 @@ def test_published_file_hash_is_recorded_then_enforced(tmp_path, monkeypatch):
         with pytest.raises(ValueError, match="is not the expected"):
             files.pretrained_file("w.pt")
         assert sorted(os.listdir(tmp_path)) == ["w.pt.sha256"]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+def test_under_torchrun_one_process_per_node_downloads(tmp_path):
+    """Local rank 1 waits for the file local rank 0 downloads: one request, not one per GPU (8x the bytes, and rate limits)."""
+    import http.server, subprocess, sys, threading
+    requests = []
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            requests.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", "6000")
+            self.end_headers()
+            self.wfile.write(b"weight" * 1000)
+        def log_message(self, *args):
+            pass
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    code = (f"import files; files.PRETRAINED['w.pt'] = ('http://127.0.0.1:{httpd.server_address[1]}/w.pt', None); "
+            "print(open(files.pretrained_file('w.pt'), 'rb').read() == b'weight' * 1000)")
+    run = lambda rank: subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        env={**os.environ, "LOCAL_RANK": str(rank), "DIFFFIT_PRETRAINED": str(tmp_path)})
+    try:
+        waiting = run(1)
+        assert "waiting for local rank 0" in waiting.stdout.readline()  # started first, it does not download
+        first = run(0)
+        outs = [p.communicate(timeout=120)[0] for p in (first, waiting)]
+        assert [p.returncode for p in (first, waiting)] == [0, 0] and all(o.strip().endswith("True") for o in outs), outs
+        assert requests == ["/w.pt"]
     finally:
         httpd.shutdown()
         httpd.server_close()
