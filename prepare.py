@@ -21,6 +21,7 @@ torchvision fetches food101, sun397, caltech101 and flowers102 (--download). The
     stanford_cars  torchvision's layout, from a mirror (its original URL is dead): see DATASETS below
 """
 import argparse
+import datetime
 import glob
 import hashlib
 import json
@@ -217,6 +218,11 @@ def _encode_chunks(ds, chunks, parts, vae, batch_size, device, num_workers, show
             atomic_write(f"{parts}/{a:09d}-{b:09d}.npz", lambda f: np.savez(f, **arrays))
             lat, kept = lat[:1], []
 
+def waiting_group():
+    """A gloo group for the barriers of data preparation, where the other ranks wait while rank 0 alone downloads a dataset
+    or writes the cache (ImageNet at 512 px: 168 GB) for longer than NCCL's default 10 minutes; training keeps NCCL's."""
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=2))
+
 def encode_cache(name, root, split, image_size, vae, vae_name, batch_size=32, rank=0, world=1, device="cpu", chunk_size=1024, num_workers=0,
                  bf16=False):
     """Encode a split into <dir>/cache-<split>-<S>-<vae>.npy once and return that path. vae.encode(x in [-1, 1]) returns
@@ -237,10 +243,10 @@ def encode_cache(name, root, split, image_size, vae, vae_name, batch_size=32, ra
     parts = f"{base}.parts-{hashlib.sha1(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:10]}"  # new settings, fresh start
     os.makedirs(parts, exist_ok=True)
     chunks = [(a, min(a + chunk_size, len(ds))) for a in range(0, len(ds), chunk_size)]
+    group = waiting_group() if dist.is_available() and dist.is_initialized() else None  # made while every rank is here
     _encode_chunks(ds, chunks[rank::world], parts, vae, batch_size, device, num_workers, rank == 0, bf16)
-    ddp = dist.is_available() and dist.is_initialized()
-    if ddp:
-        dist.barrier()
+    if group:
+        dist.barrier(group=group)
     if rank == 0:  # finish: any chunk still missing (none under torchrun), then one array, its labels, and the json last
         _encode_chunks(ds, chunks, parts, vae, batch_size, device, num_workers, True, bf16)
         if os.path.exists(base + ".json"):
@@ -263,8 +269,9 @@ def encode_cache(name, root, split, image_size, vae, vae_name, batch_size=32, ra
         for d in glob.glob(base + ".parts-*"):
             shutil.rmtree(d, ignore_errors=True)
         print(f"{base}.npy: {len(idx)} images ({len(skipped)} unreadable skipped{', listed above and in the .json' if skipped else ''})", flush=True)
-    if ddp:
-        dist.barrier()
+    if group:
+        dist.barrier(group=group)
+        dist.destroy_process_group(group)
     return base + ".npy"
 
 def open_cache(name, root, split, image_size, vae_name):
@@ -330,10 +337,12 @@ def main(args):
         return
 
     # Find (or download, on rank 0 only) the dataset before loading the VAE, so a missing one fails fast.
+    group = waiting_group() if ddp else None
     if rank == 0:
         open_dataset(args.data, args.data_dir, args.split, args.image_size, download=args.download)
     if ddp:
-        dist.barrier()
+        dist.barrier(group=group)
+        dist.destroy_process_group(group)
 
     # Encode: every rank its chunks, rank 0 writes the cache.
     vae = load_vae(args.vae).to(device).eval()

@@ -279,6 +279,34 @@ def test_ranks_write_disjoint_shards_and_rank0_finishes(tmp_path):
     assert np.array_equal(np.load(path), np.load(ref))
     assert np.array_equal(np.load(path[:-4] + ".labels.npy"), np.load(ref[:-4] + ".labels.npy"))
 
+SLOW_RANK0 = """
+import datetime, os, sys, time
+sys.path[:0] = [sys.argv[3], os.path.join(sys.argv[3], "tests")]
+import torch.distributed as dist
+import prepare
+from test_prepare import TinyVAE
+class SlowVAE(TinyVAE):  # rank 0 encodes slower than the group's timeout allows anyone to wait
+    def encode(self, x):
+        time.sleep(4 if dist.get_rank() == 0 else 0)
+        return super().encode(x)
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=2))
+print(prepare.encode_cache(sys.argv[1], sys.argv[2], "train", 16, SlowVAE(), "t", batch_size=2, chunk_size=2,
+                           rank=dist.get_rank(), world=dist.get_world_size()))
+"""
+
+def test_ranks_wait_for_a_slow_rank0_longer_than_the_process_group_timeout(tmp_path):
+    """Rank 0 alone writes the cache (ImageNet at 512 px: 168 GB) while the others wait: their barriers must outlast the
+    training group's timeout (NCCL: 10 min; here 2 s against rank 0's 8 s)."""
+    import subprocess, sys
+    folder, root = make_folder(str(tmp_path / "pics")), str(tmp_path / "data")
+    (tmp_path / "slow.py").write_text(SLOW_RANK0)
+    root_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(tmp_path / "slow.py"),
+                        folder, root, root_dir], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ref = prepare.encode_cache(folder, str(tmp_path / "ref"), "train", 16, TinyVAE(), "t", batch_size=2, chunk_size=2)
+    assert np.array_equal(np.load(os.path.join(root, "pics", "cache-train-16-t.npy")), np.load(ref))
+
 def test_export_writes_a_toy_domain_as_class_folders(tmp_path, capsys):
     out = tmp_path / "toy-art"
     prepare.main(prepare.parser.parse_args(["--data", "toy-art", "--export", str(out)]))
