@@ -132,13 +132,15 @@ def test_fid_sample_set_is_balanced_and_resumable(tmp_path, base):
     sample.write_fid_samples(model, sample.create_diffusion("2"), args, None, out, 0, 1)
     assert (tmp_path / "fid" / "000005.png").read_bytes() == first
 
-def test_two_processes_under_torchrun_train_in_sync(tmp_path, base):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])  # bf16: DDP over frozen weights stored in bf16 and fp32 trained ones
+def test_two_processes_under_torchrun_train_in_sync(tmp_path, base, precision):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
                         "--ckpt", base, "--results-dir", str(tmp_path / "results"), "--global-batch-size", "4",
-                        "--max-steps", "3", "--ckpt-every", "3", "--sample-steps", "2", "--precision", "fp32"],
+                        "--max-steps", "3", "--ckpt-every", "3", "--sample-steps", "2", "--precision", precision],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "2 x cpu" in r.stdout and "replicas in sync" in r.stdout
+    assert f"--precision {precision}: {'bf16 autocast' if precision == 'bf16' else 'fp32'} on cpu" in r.stdout
 
 @pytest.mark.parametrize("cache", [True, False])
 def test_latent_training_from_the_cache_or_online(tmp_path, monkeypatch, cache):
