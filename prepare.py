@@ -340,7 +340,7 @@ def main(args):
     group = waiting_group() if ddp else None
     if rank == 0:
         open_dataset(args.data, args.data_dir, args.split, args.image_size, download=args.download)
-    if ddp:
+    if group:
         dist.barrier(group=group)
         dist.destroy_process_group(group)
 
