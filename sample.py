@@ -12,8 +12,10 @@ DiffFit: Xie et al. 2023, arXiv:2304.06648. DiT: Peebles & Xie 2022, arXiv:2212.
 """
 import argparse
 import glob
+import json
 import math
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -127,12 +129,11 @@ def check_args(args):
     if why or (os.path.isdir(out) and not args.num_fid_samples):
         raise ValueError(f"{flag} {out}: {why or 'a folder, not a file name'}; pass a {flag} you can write to")
 
-def load(args):
-    """The model to sample from, and the file it came from."""
+def load(args, src):
+    """The model to sample from: a whole checkpoint (--ckpt), or a base + delta."""
     if args.ckpt:
-        return load_model(args.ckpt, raw_config(args.model, args.image_size))[0], args.ckpt
-    path = args.delta or latest_delta(args.results_dir)
-    return difffit.load(path, base=args.base)[0], path
+        return load_model(src, raw_config(args.model, args.image_size))[0]
+    return difffit.load(src, base=args.base)[0]
 
 @torch.no_grad()
 def generate(model, diffusion, labels, cfg_scale, seed=0, sampler="ddpm", guide_channels=3, progress=False):
@@ -179,6 +180,29 @@ def shard(n, batch_size, rank, world, seed):
     for b in range(rank, math.ceil(n / batch_size), world):
         yield b, range(b * batch_size, min(n, (b + 1) * batch_size)), seed * 1_000_003 + b
 
+def sample_settings(args, src, bf16):
+    """What decides the samples of an FID set or a bank: an interrupted set resumes only with all of them unchanged."""
+    made = os.stat(src) if os.path.exists(src) else None  # the file as it is now: a retrained delta is another model
+    return dict(model=os.path.abspath(src) if made else src, size=made and made.st_size, mtime_ns=made and made.st_mtime_ns,
+                samples=args.num_fid_samples or args.num_bank_samples, batch_size=args.batch_size, sampler=args.sampler,
+                steps=args.steps, cfg_scale=args.cfg_scale, guide_all_channels=args.guide_all_channels, seed=args.seed,
+                vae=args.vae, bf16=bf16)
+
+def claim(folder, settings, flag):
+    """Begin a sample set in folder, or resume the one there if its settings.json says it was begun with these settings."""
+    path = os.path.join(folder, "settings.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old != settings:
+            diff = ", ".join(f"{k} {old.get(k)} (now {v})" for k, v in settings.items() if old.get(k) != v)
+            raise ValueError(f"{flag} {folder}: holds samples drawn with other settings ({diff}); pass another {flag}, or delete it")
+    elif os.path.isdir(folder) and os.listdir(folder):
+        raise ValueError(f"{flag} {folder}: not empty, and not a sample set this script began; pass a new or empty folder")
+    else:
+        os.makedirs(folder, exist_ok=True)
+        atomic_write(path, lambda f: f.write(json.dumps(settings, indent=1).encode()))
+
 def write_grid(model, diffusion, args, labels, vae, out):
     """A grid of samples of the labels, drawn --batch-size at a time as the sets are: every class of a 1000-class
     base is 1000 samples, more than one forward pass and one VAE decode should hold."""
@@ -193,7 +217,7 @@ def write_grid(model, diffusion, args, labels, vae, out):
 
 def write_fid_samples(model, diffusion, args, vae, out, rank, world):
     """N class-balanced samples as PNGs in `out`, then an ADM .npz (arr_0: uint8 N, H, W, 3) beside it. A PNG that
-    exists is complete and is never redrawn, so an interrupted run resumes where it stopped."""
+    exists is complete and is never redrawn, so an interrupted run resumes where it stopped (main claims the folder first)."""
     os.makedirs(out, exist_ok=True)
     n, k = args.num_fid_samples, model.num_classes
     for b, ids, seed in tqdm(list(shard(n, args.batch_size, rank, world, args.seed)), desc="fid samples", disable=rank != 0):
@@ -212,7 +236,7 @@ def write_fid_samples(model, diffusion, args, vae, out, rank, world):
 
 def write_bank(model, diffusion, args, out, rank, world):
     """N class-balanced samples, undecoded, as float32 (N, C, H, W) in `out` (what train.py --diff-tuning reads);
-    finished batches wait in `out`.parts/ so an interrupted run resumes."""
+    finished batches wait in `out`.parts/ so an interrupted run resumes (main claims that folder first)."""
     parts = out + ".parts"
     os.makedirs(parts, exist_ok=True)
     n, k = args.num_bank_samples, model.num_classes
@@ -227,9 +251,7 @@ def write_bank(model, diffusion, args, out, rank, world):
         files = [os.path.join(parts, f"{b:06d}.npy") for b in range(math.ceil(n / args.batch_size))]
         arr = np.concatenate([np.load(f) for f in files])
         atomic_write(out, lambda fh: np.save(fh, arr))
-        for f in files:
-            os.remove(f)
-        os.rmdir(parts)
+        shutil.rmtree(parts)  # the parts and their settings.json
         print(f"wrote {n} samples to {out} {tuple(arr.shape)}")
 
 def main(args):
@@ -244,17 +266,23 @@ def main(args):
         torch.cuda.set_device(device)  # one GPU per rank, also for NCCL's barrier
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32: >3x faster sampling on A100 (DiT #25)
 
+    # Where the samples go: an interrupted FID set or bank resumes, but only with the settings it was begun with.
+    src = args.ckpt or args.delta or latest_delta(args.results_dir)
+    out, bf16 = output(args, src), bf16_chosen(args.precision, device)
+    if args.num_fid_samples or args.num_bank_samples:
+        if rank == 0:
+            claim(out if args.num_fid_samples else out + ".parts", sample_settings(args, src, bf16), "--fid-dir" if args.num_fid_samples else "--out")
+        if world > 1:
+            dist.barrier()
+
     # The respaced diffusion, the model and the VAE.
     diffusion = make_diffusion(args.sampler, args.steps)
-    model, src = load(args)
-    model = model.to(device).eval()
+    model = load(args, src).to(device).eval()
     vae = load_vae(args.vae).to(device).eval() if model.in_channels == 4 else None
-    bf16 = bf16_chosen(args.precision, device)
     if rank == 0:
         print(precision_note(args.precision, device), flush=True)
 
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        out = output(args, src)
         if args.num_fid_samples:
             write_fid_samples(model, diffusion, args, vae, out, rank, world)
         elif args.num_bank_samples:  # labels are balanced over the base's classes; train.py gives them the null label

@@ -132,6 +132,35 @@ def test_fid_sample_set_is_balanced_and_resumable(tmp_path, base):
     sample.write_fid_samples(model, sample.create_diffusion("2"), args, None, out, 0, 1)
     assert (tmp_path / "fid" / "000005.png").read_bytes() == first
 
+def test_a_sample_set_resumes_only_with_the_settings_it_was_begun_with(tmp_path, base, monkeypatch):
+    import numpy as np
+    main = lambda *flags: sample.main(sample.parser.parse_args(["--ckpt", base, "--steps", "2", "--precision", "fp32", "--batch-size", "2", *flags]))
+    fid_dir = str(tmp_path / "fid")
+    main("--num-fid-samples", "4", "--fid-dir", fid_dir, "--cfg-scale", "1")
+    first = (tmp_path / "fid" / "000003.png").read_bytes()
+    os.remove(tmp_path / "fid" / "000003.png")
+    main("--num-fid-samples", "4", "--fid-dir", fid_dir, "--cfg-scale", "1")  # the same settings: resumed, the same sample
+    assert (tmp_path / "fid" / "000003.png").read_bytes() == first
+    with pytest.raises(ValueError, match=r"--fid-dir .*fid: holds samples drawn with other settings \(cfg_scale 1.0 \(now 4.0\)\)"):
+        main("--num-fid-samples", "4", "--fid-dir", fid_dir, "--cfg-scale", "4")  # another model, sampler or CFG scale
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "photo.png").write_bytes(b"")
+    with pytest.raises(ValueError, match="not empty, and not a sample set"):
+        main("--num-fid-samples", "4", "--fid-dir", str(tmp_path / "mine"))
+    # a bank interrupted after its first batch of 2 resumes with batch 2, and refuses batch 4 (it would keep 2 of 4 samples)
+    bank, generate = str(tmp_path / "bank.npy"), sample.generate
+    def interrupted(*a, **k):
+        monkeypatch.setattr(sample, "generate", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        return generate(*a, **k)
+    monkeypatch.setattr(sample, "generate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main("--num-bank-samples", "4", "--out", bank)
+    monkeypatch.setattr(sample, "generate", generate)
+    with pytest.raises(ValueError, match=r"--out .*bank.npy.parts: holds samples drawn with other settings \(batch_size 2 \(now 4\)\)"):
+        main("--num-bank-samples", "4", "--out", bank, "--batch-size", "4")
+    main("--num-bank-samples", "4", "--out", bank)
+    assert np.load(bank).shape == (4, 3, 32, 32) and not os.path.exists(bank + ".parts")
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])  # bf16: DDP over frozen weights stored in bf16 and fp32 trained ones
 def test_two_processes_under_torchrun_train_in_sync(tmp_path, base, precision):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
