@@ -229,9 +229,8 @@ class Images(torch.utils.data.Dataset):
         return preprocess(img, self.mode)
 
 def readable(batch):
-    """DataLoader collate_fn for Images: (the inputs that decoded, stacked; why each of the others was skipped)."""
-    good = [x for x in batch if not isinstance(x, str)]
-    return torch.stack(good) if good else None, [x for x in batch if isinstance(x, str)]
+    """DataLoader collate_fn for Images: (the inputs that decoded; why each of the others was skipped)."""
+    return [x for x in batch if not isinstance(x, str)], [x for x in batch if isinstance(x, str)]
 
 @torch.inference_mode()
 def get_features(images, mode, net=None, batch_size=50, num_workers=0, device="cpu"):
@@ -240,12 +239,17 @@ def get_features(images, mode, net=None, batch_size=50, num_workers=0, device="c
     loader = torch.utils.data.DataLoader(Images(images, mode), batch_size=batch_size, num_workers=num_workers, collate_fn=readable)
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # TF32 shifts features by ~1e-3
-    feats, skipped = [], []
+    feats, skipped, sizes = [], [], set()
     try:  # always fp32, also when called inside a caller's bf16 autocast (a measure must not change with the precision)
         with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
-            for x, bad in tqdm(loader, desc=f"features ({mode}, {len(loader.dataset)} images)", unit="batch", disable=not sys.stderr.isatty()):
+            for good, bad in tqdm(loader, desc=f"features ({mode}, {len(loader.dataset)} images)", unit="batch", disable=not sys.stderr.isatty()):
                 skipped += bad
-                if x is not None:
+                sizes |= {tuple(x.shape) for x in good}  # the Inception's inputs are all 299 px; the toy judge's as read
+                if len(sizes) > 1:
+                    raise ValueError(f"images of different sizes ({' and '.join(f'{h}x{w}' for h, w, _ in sorted(sizes))}): the toy judge "
+                                     "reads a set of one size (its domains: 32 or 64 px)")
+                if good:
+                    x = torch.stack(good)
                     feats.append(toy.judge_features(x.numpy())[0] if mode == "toy" else net(x.to(device)).cpu().double().numpy())
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
@@ -284,6 +288,8 @@ def load_stats(path):
     mu, sigma, meta, adm = load_arrays(str(path), "statistics", read)
     if mu is None or sigma is None or mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
         raise ValueError(f"statistics {path}: no mu (d,) and sigma (d, d) in it: write statistics with fid.py --save-stats")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(f"statistics {path}: mu or sigma holds NaN or inf: write them again with fid.py --save-stats")
     if "mode" not in meta:
         meta["mode"] = "legacy_tensorflow" if adm else "legacy_pytorch"
         warnings.warn(f"{path} records no mode; assuming {meta['mode']} ({'ADM' if adm else 'pytorch-fid'} file)")
@@ -379,6 +385,7 @@ def check_args(args):
         ("--image-size", args.image_size >= 1, "use a positive resolution (256 as DiT samples)"),
         ("--image-size", not toy_data or args.image_size == parser.get_default("image_size"), "the toy data comes in its own size: drop --image-size"),
         ("--mode", not toy_data or args.mode == "toy", "the toy data is judged by the toy judge: use --mode toy"),
+        ("--split", not toy_data or args.split in toy.SPLIT_SEED, "the toy domains have a train and a test split"),
         ("--weights", args.weights is None or args.mode != "toy", "the toy mode uses the shipped toy judge: drop --weights"),
         ("--download", not args.download or args.mode != "toy", "the toy mode uses the shipped toy judge: drop --download"),
         ("--weights", args.weights is None or os.path.isfile(args.weights) or args.download,
@@ -404,7 +411,12 @@ def main(args):
         if imgs is None:
             stats.append(load_stats(src))
             continue
-        feats = get_features(imgs, args.mode, net, args.batch_size, args.num_workers, args.device)
+        try:
+            feats = get_features(imgs, args.mode, net, args.batch_size, args.num_workers, args.device)
+        except ValueError as e:
+            raise ValueError(f"{src}: {e}") from None
+        if len(feats) < 2:  # one image has no covariance: NaN statistics, then a failed sqrtm
+            raise ValueError(f"{src}: {len(feats)} image; statistics need at least 2 (an FID wants 10k or more; 50k is standard)")
         meta = dict(mode=args.mode, num_images=len(feats), source=os.path.abspath(src) if os.path.exists(src) else f"{src} ({args.split})",
                     weights=net.weights if net else "toy judge (toy.py)")
         stats.append((*statistics(feats), meta))

@@ -93,6 +93,10 @@ def files(tmp_path_factory, base):
     cut(f("imgs", "cat", "0.jpg"), f("broken", "truncated.jpg"))
     put(f("broken", "garbage.png"), b"not an image")
     os.makedirs(f("no_images"))
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(put(f("one", "0.png"), b""))  # statistics need 2
+    for i, size in enumerate((32, 32, 64)):  # toy-like samples of two sizes in one set
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(put(f("mixed", f"{i:06d}.png"), b""))
+    np.savez(f("nan_stats.npz"), mu=np.full(128, np.nan), sigma=np.eye(128), mode=np.array("toy"), num_images=np.array(100))
     os.makedirs(f("folder.png"))
     put(f("afile"), b"a file, not a folder")
     os.makedirs(f("ro"))
@@ -242,6 +246,11 @@ CASES = [
     ("fid.py {float_samples} --ref {toy_stats} --mode toy", "holds neither statistics"),
     ("fid.py {broken} --ref {toy_stats} --mode toy --num-workers 0", "none of the 2 images could be read"),
     ("fid.py {no_images} --ref {toy_stats} --mode toy", "no images under"),
+    ("fid.py {imgs} --ref toy --split val --mode toy", "--split val: the toy domains have a train and a test split"),
+    ("fid.py {one} --save-stats new.npz --mode toy", "one: 1 image; statistics need at least 2"),
+    ("fid.py {one} --ref toy --split test --mode toy", "one: 1 image; statistics need at least 2"),
+    ("fid.py {mixed} --ref {toy_stats} --mode toy --num-workers 0", "mixed: images of different sizes (32x32 and 64x64)"),
+    ("fid.py {imgs} --ref {nan_stats} --mode toy", "nan_stats.npz: mu or sigma holds NaN or inf"),
     ("fid.py nowhere/x --ref {toy_stats} --mode toy", "not an image folder, a .npz or a dataset name"),
     ("fid.py nope --ref {toy_stats} --mode toy", "is neither a dataset"),
     ("fid.py {toy_stats} {clean_stats} --allow-mode-mismatch", "statistics of different feature sizes (128 vs 2048)"),
