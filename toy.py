@@ -20,6 +20,7 @@ import argparse
 import functools
 import math
 import os
+import sys
 import time
 
 import numpy as np
@@ -27,6 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+
+from files import atomic_write, check_flags, unwritable
 
 # -----------------------------------------------------------------------------
 # the parts, and which (shape, fill) pairs each domain's classes are
@@ -296,7 +299,8 @@ def train_judge(path=JUDGE_PATH, steps=3000, batch_size=128, lr=2e-3, seed=0):
             print(f"step {step:5d}/{steps} | loss {loss.item():.4f} | {time.time() - t0:.0f} s", flush=True)
     net.eval()
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save({"config": dict(width=32, num_classes=JUDGE_CLASSES), "model": net.state_dict()}, path)
+    ckpt = {"config": dict(width=32, num_classes=JUDGE_CLASSES), "model": net.state_dict()}
+    atomic_write(path, lambda f: torch.save(ckpt, f))  # the shipped judge stays whole if this run dies while writing
     load_judge.cache_clear()
     for domain in DOMAINS:
         images, labels = load(domain, "test")
@@ -305,14 +309,40 @@ def train_judge(path=JUDGE_PATH, steps=3000, batch_size=128, lr=2e-3, seed=0):
     return net
 
 # -----------------------------------------------------------------------------
+# the command line: after DOMAINS, which --show chooses from; parsed only under __main__, so importing toy.py parses nothing
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="The toy world: train its judge, or look at a domain.")
-    parser.add_argument("--train-judge", action="store_true", help="train the judge on every domain's train split -> assets/toy_judge.pt")
-    parser.add_argument("--steps", type=int, default=3000, help="judge training steps (batch 128)")
-    parser.add_argument("--show", default=None, choices=list(DOMAINS), help="write a grid of this domain's real train images")
-    parser.add_argument("--out", default="toy.png", help="where --show writes its grid")
-    args = parser.parse_args()
+parser = argparse.ArgumentParser(description="The toy world: train its judge, or look at a domain.")
+parser.add_argument("--train-judge", action="store_true", help="train the judge on every domain's train split -> assets/toy_judge.pt")
+parser.add_argument("--steps", type=int, default=3000, help="judge training steps (batch 128)")
+parser.add_argument("--show", default=None, choices=list(DOMAINS), help="write a grid of this domain's real train images")
+parser.add_argument("--out", default="toy.png", help="where --show writes its grid (a .png)")
+
+def die(msg):
+    """Bad input: one `error:` line and exit code 2, as in every script here."""
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+parser.error = lambda msg: die(f"{msg} (see --help)")  # argparse's own complaints as one line too, without the usage block
+
+def check_args(args):
+    """Every flag before anything is drawn or trained: ValueError('--flag value: why; what to do')."""
+    assets = unwritable(os.path.dirname(JUDGE_PATH)) if args.train_judge else None  # asked now, not after minutes of training
+    out = unwritable(os.path.dirname(os.path.abspath(args.out))) if args.show else None
+    check_flags(args, [
+        ("--train-judge", assets is None, f"cannot write {JUDGE_PATH} ({assets}): make assets/ writable"),
+        ("--steps", args.train_judge or args.steps == parser.get_default("steps"), "only --train-judge uses it: add --train-judge or drop the flag"),
+        ("--steps", args.steps >= 1, "train the judge for at least 1 step (default 3000)"),
+        ("--out", args.show or args.out == parser.get_default("out"), "only --show uses it: add --show DOMAIN or drop the flag"),
+        ("--out", not args.show or args.out.endswith(".png"), "the grid is a PNG: end the name in .png"),
+        ("--out", not args.show or not os.path.isdir(args.out), "a folder, not a file name: pass a path like folder/toy.png"),
+        ("--out", out is None, f"{out}: pass an --out you can write to"),
+    ])
+    if not args.train_judge and not args.show:
+        raise ValueError("nothing to do: pass --train-judge (train the judge) or --show DOMAIN (a grid of its images)")
+
+def main(args):
+    """Every flag first; then train the judge and/or draw the grid."""
+    check_args(args)
     if args.train_judge:
         train_judge(steps=args.steps)
     if args.show:
@@ -320,5 +350,12 @@ if __name__ == "__main__":
         images, _ = load(args.show, "train")
         k, s = info["classes"], info["size"]
         rows = images[:8 * k].reshape(8, k, s, s, 3).permute(1, 2, 0, 3, 4).reshape(k * s, 8 * s, 3)  # a row per class
-        Image.fromarray(rows.numpy()).save(args.out)
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        atomic_write(args.out, lambda f: Image.fromarray(rows.numpy()).save(f, format="PNG"))
         print(f"wrote {args.out}: {k} classes (rows) x 8 train images")
+
+if __name__ == "__main__":
+    try:
+        main(parser.parse_args())
+    except (ValueError, OSError) as e:  # bad input, or a folder that cannot be written: one line, exit code 2
+        die(str(e))

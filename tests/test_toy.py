@@ -1,11 +1,13 @@
 """
 Tests of toy.py: the domains are deterministic, their splits disjoint, exports round-trip, and the shipped judge
-reads every domain's real test images, needs a class's shape and fill both right, and stays in fp32 under autocast.
+reads every domain's real test images, needs a class's shape and fill both right, and stays in fp32 under autocast;
+`python toy.py` with bad flags says so in one `error:` line (exit code 2) and writes nothing.
 
     python -m pytest tests/test_toy.py
 """
 import hashlib
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -143,3 +145,50 @@ def test_loading_the_judge_uses_no_random_numbers():
     state = torch.get_rng_state()
     toy.load_judge()
     assert torch.equal(torch.get_rng_state(), state)
+
+
+# -----------------------------------------------------------------------------
+# the command line: bad flags give one `error:` line naming the flag and exit code 2, before anything is drawn or trained
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_toy(*argv):
+    return subprocess.run([sys.executable, "toy.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+BAD_FLAGS = [  # argv ({tmp}: a folder holding a file `afile` and a folder `d.png`), what the one error line must say
+    ("--train-judge --steps 0", ["--steps 0", "at least 1 step"]),
+    ("--show toy --out {tmp}/afile/x.png", ["--out", "is a file, not a folder"]),  # what /nonexist/x.png is for a user who cannot make /nonexist
+    ("--show toy --out {tmp}", ["--out", "end the name in .png"]),
+    ("--show toy --out {tmp}/d.png", ["--out", "a folder, not a file name"]),
+    ("--show toy --out {tmp}/x.txt", ["--out", "end the name in .png"]),
+    ("--show nope", ["--show", "invalid choice: 'nope'"]),
+    ("", ["nothing to do", "--train-judge", "--show"]),
+    ("--show toy --steps 5 --out {tmp}/x.png", ["--steps 5", "only --train-judge uses it"]),
+    ("--out {tmp}/x.png", ["--out", "only --show uses it"]),
+]
+
+
+@pytest.mark.parametrize("argv, needles", BAD_FLAGS, ids=[a or "no flags" for a, _ in BAD_FLAGS])
+def test_bad_flags_give_one_error_line_and_write_nothing(argv, needles, tmp_path):
+    open(tmp_path / "afile", "w").close()
+    os.mkdir(tmp_path / "d.png")
+    before = sorted(os.listdir(tmp_path))
+    r = run_toy(*argv.format(tmp=tmp_path).split())
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert r.returncode == 2, r.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert all(n in lines[0] for n in needles), lines[0]
+    assert "Traceback" not in r.stderr and r.stdout == ""
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_show_writes_a_png_grid_into_a_new_folder(tmp_path):
+    out = tmp_path / "new" / "x.png"
+    r = run_toy("--show", "toy", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    info = toy.DOMAINS["toy"]
+    assert Image.open(out).format == "PNG" and Image.open(out).size == (8 * info["size"], info["classes"] * info["size"])
+    assert os.listdir(tmp_path / "new") == ["x.png"]  # atomic_write left no .tmp behind
