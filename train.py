@@ -416,7 +416,7 @@ def sample_timesteps(n, T, tau, towards="noise", device="cpu"):
     the base's knowledge still holds). τ = 0 is plain training's uniform draw, with the same random numbers."""
     if tau == 0:
         return torch.randint(0, T, (n,), device=device)
-    w = torch.arange(1, T + 1, dtype=torch.float32, device=device) ** tau  # (t + 1)^τ for t = 0 .. T-1
+    w = (torch.arange(1, T + 1, dtype=torch.float64, device=device) / T) ** tau  # ∝ (t + 1)^τ for t = 0 .. T-1, at most 1 for any τ
     return torch.multinomial(w if towards == "noise" else w.flip(0), n, replacement=True)
 
 def open_bank(path, model):

@@ -263,6 +263,12 @@ def test_diff_tuning_timesteps_follow_their_distributions():
     # and the test can tell the two directions apart
     t = train.sample_timesteps(n, T, 1.0, "noise")
     assert abs(t.double().mean().item() - 666) < 3  # E[t] = 665.67 for P ∝ t + 1
+    # a large τ: 1000^13 overflows float32, so the weights are (t + 1)^τ / T^τ in float64, at most 1
+    for tau in (13.0, 400.0):
+        log_p = tau * torch.arange(1, T + 1, dtype=torch.float64).log()  # log (t + 1)^τ
+        mean = (torch.arange(T) * (log_p - log_p.max()).exp()).sum().item() / (log_p - log_p.max()).exp().sum().item()
+        noise, data = train.sample_timesteps(n, T, tau, "noise"), train.sample_timesteps(n, T, tau, "data")
+        assert abs(noise.double().mean().item() - mean) < 1 and abs(data.double().mean().item() - (T - 1 - mean)) < 1, tau
 
 def test_tau_zero_is_plain_training_uniform_draw():
     import train
