@@ -4,6 +4,7 @@ parameter names of the published checkpoints, so DiT-XL-2-256x256.pt and -512x51
 Each block has empty slots for the scale factors γ of DiffFit (Xie et al. 2023, arXiv:2304.06648); they
 stay None (no parameters, no state-dict keys) until difffit.py fills them in.
 """
+import inspect
 import json
 import math
 import os
@@ -304,6 +305,11 @@ def load_model(path, config=None, input_size=None):
             raise ValueError(f"{path}: a raw state dict carries no architecture: pass --model and --image-size")
     config = dict(config, **({"input_size": input_size} if input_size else {}))
     kwargs = {k: v for k, v in config.items() if k != "model"}
+    odd = [k for k in kwargs if k not in inspect.signature(DiT).parameters]
+    if "model" in config and config["model"] not in DiT_models:
+        odd.append(f"model {config['model']}")
+    if odd:  # e.g. the toy judge, which is stored the same way
+        raise ValueError(f"{path}: not a DiT checkpoint (its config has {', '.join(odd)}, which no DiT has)")
     model = DiT_models[config["model"]](**kwargs) if "model" in config else DiT(**kwargs)
     base_grid = model.input_size // model.patch_size
     if sd is not None:
@@ -614,6 +620,8 @@ def read_diffusers_dit(folder):
         for name in ("config.json", "diffusion_pytorch_model.safetensors"):
             path = pretrained_file(f"{folder}/transformer/{name}")
         folder = os.path.dirname(path)
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise ValueError(f"{folder}: a folder, but not a diffusers DiT folder (no config.json in it): pass a checkpoint file or such a folder")
     with open(os.path.join(folder, "config.json")) as f:
         c = {**_DIT_CONFIG, **json.load(f)}
     # the hub's DiT folders still say Transformer2DModel, which diffusers maps to DiTTransformer2DModel by norm_type

@@ -101,7 +101,7 @@ def files(tmp_path_factory, base):
     put(f("afile"), b"a file, not a folder")
     os.makedirs(f("ro"))
     os.chmod(f("ro"), 0o555)
-    names = dict(base=base, run=run, ckpt=ckpt, delta=delta, model=model)
+    names = dict(base=base, run=run, ckpt=ckpt, delta=delta, model=model, judge=toy.JUDGE_PATH)
     names.update({p.stem if p.is_file() else p.name: str(p) for p in d.iterdir()}, png_folder=f("folder.png"))
     return names
 
@@ -209,6 +209,10 @@ CASES = [
     ("sample.py --delta {delta} --base missing.safetensors", "--base missing.safetensors: no such file"),
     ("sample.py --delta {delta} --base {other} --steps 2", "trained on another base model"),
     ("sample.py --ckpt {base} --base {base}", "drop --base"),
+    ("sample.py --ckpt {judge} --steps 2", "toy_judge.pt: not a DiT checkpoint (its config has width, which no DiT has)"),
+    ("sample.py --ckpt {no_images} --steps 2", "no_images: a folder, but not a diffusers DiT folder (no config.json in it)"),
+    (T + " --ckpt {judge}", "toy_judge.pt: not a DiT checkpoint"),
+    (T + " --ckpt {no_images}", "no_images: a folder, but not a diffusers DiT folder"),
     ("sample.py --ckpt missing.pt", "--ckpt missing.pt: no such file"),
     ("sample.py --ckpt {trunc_model}", "truncated"),
     ("sample.py --ckpt {delta}", "a DiffFit delta, not a model"),
