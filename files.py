@@ -44,6 +44,16 @@ def unwritable(folder):
         return f"{p} is read-only for this user"
     return None
 
+def launched_by_torchrun():
+    """Is this process one of a torchrun launch? RANK says so; then the rest of torchrun's variables must be there too."""
+    if "RANK" not in os.environ:
+        return False
+    missing = [k for k in ("WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise ValueError(f"RANK is set, so this process would be one of a torchrun launch, but {', '.join(missing)} "
+                         f"{'is' if len(missing) == 1 else 'are'} not: launch it with torchrun, or unset RANK")
+    return True
+
 def atomic_write(path, write):
     """write(f) into path + ".tmp", fsync, rename: readers see the old file or the whole new one, never half of one.
     A failure (a full disk, a crash of write) removes the temp file and leaves the old file as it was."""

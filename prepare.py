@@ -37,7 +37,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import toy
-from files import atomic_write, check_flags, unwritable
+from files import atomic_write, check_flags, launched_by_torchrun, unwritable
 from models import VAE_SCALE, bf16_chosen, load_vae, precision_note
 
 # -----------------------------------------------------------------------------
@@ -320,7 +320,7 @@ def check_args(args):
 def main(args):
     # Every flag first. Setup DDP: torchrun sets RANK and WORLD_SIZE; plain python is one process.
     check_args(args)
-    ddp = "RANK" in os.environ
+    ddp = launched_by_torchrun()
     if ddp:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)

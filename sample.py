@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import difffit
 from diffusion import create_diffusion
-from files import atomic_write, check_flags, published, unwritable
+from files import atomic_write, check_flags, launched_by_torchrun, published, unwritable
 from models import VAE_SCALE, DiT_models, bf16_chosen, load_model, load_vae, precision_note, raw_config
 
 # the sampler's loop in diffusion.py; every one makes one network call per kept step of the respaced chain
@@ -257,7 +257,7 @@ def write_bank(model, diffusion, args, out, rank, world):
 def main(args):
     # Every flag first, then setup: torchrun shares an FID sample set or a bank over ranks; a grid is one process.
     check_args(args)
-    ddp = "RANK" in os.environ
+    ddp = launched_by_torchrun()
     if ddp:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)

@@ -36,7 +36,7 @@ import fid
 import prepare
 import toy
 from diffusion import create_diffusion
-from files import atomic_write, check_flags, load_arrays, load_file, published, unwritable
+from files import atomic_write, check_flags, launched_by_torchrun, load_arrays, load_file, published, unwritable
 from models import VAE_SCALE, DiT_models, bf16_chosen, load_model, load_vae, precision_note, raw_config, save_model
 from prepare import DATASETS
 from sample import LOOPS, generate, make_diffusion, save_grid, to_images
@@ -489,7 +489,7 @@ def toy_eval(model, params, args, bf16, what, run_dir, step, log0):
 def main(args):
     # Settings first, so bad input fails before a download, a run folder or a step: every flag checked, a resumed run's
     # own settings or these with defaults by dataset (checked again); the batch per rank and micro-step.
-    ddp = "RANK" in os.environ  # torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; plain python is one process
+    ddp = launched_by_torchrun()  # torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; plain python is one process
     world = int(os.environ.get("WORLD_SIZE", 1)) if ddp else 1
     check_args(args, world)
     args, info, ckpt = resolve_args(args, world)

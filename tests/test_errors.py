@@ -368,6 +368,17 @@ def test_the_command_line_gives_the_same_one_line(command, needle, files, tmp_pa
     check_one_error_line(r.returncode, r.stderr, needle)
     assert os.listdir(tmp_path) == []
 
+@pytest.mark.parametrize("command", ["train.py --ckpt {base} --precision fp32", "sample.py --ckpt {base} --steps 2", "prepare.py --data {imgs}"])
+def test_rank_without_the_rest_of_torchrun_says_how_to_launch(command, files, tmp_path):
+    """RANK alone (a variable left over in a shell) made torch fail with env:// advice; with WORLD_SIZE, it waited for peers."""
+    script, *argv = shlex.split(command.format(**files))
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    r = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env={**env, "RANK": "0", "MASTER_PORT": "29511", "OMP_NUM_THREADS": "1"})
+    check_one_error_line(r.returncode, r.stderr, "RANK is set, so this process would be one of a torchrun launch, but WORLD_SIZE, "
+                                                 "LOCAL_RANK, MASTER_ADDR are not: launch it with torchrun, or unset RANK")
+    assert os.listdir(tmp_path) == []
+
 # -----------------------------------------------------------------------------
 # runs that fail part way: what they leave behind
 
