@@ -510,6 +510,8 @@ def main(args):
     bf16 = bf16_chosen(args.precision, device)
 
     # Create model: the base (strict load), then the surgery of the method on it; a resumed run rebuilds it from its delta.
+    if not is_toy:  # but first the dataset, so a missing one fails in seconds, not after downloading the model and the VAE
+        prepare.open_dataset(args.data, args.data_dir, "train", args.image_size)
     model, config, spec = create_model(args, info, ckpt)
     model.to(device)
     if bf16:  # the frozen weights never change: store them in bf16 once instead of recasting them every step
