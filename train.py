@@ -248,6 +248,10 @@ def create_model(args, info, ckpt):
     else:  # latent space; used for 'scratch' and for raw published checkpoints, which carry no config
         config = raw_config(args.model, args.image_size)
     model, config, base_grid = load_model(args.ckpt, config, input_size=config["input_size"])
+    if model.in_channels != (3 if info.get("toy") else 4):  # found now, not after a latent cache was encoded for it
+        raise ValueError(f"--ckpt {args.ckpt}: a DiT of {model.in_channels}-channel inputs, but --data {args.data} is " +
+                         ("pixels (3 channels): use a toy base" if info.get("toy") else "VAE latents (4 channels): use a latent DiT, "
+                          "such as DiT-XL-2-256x256.pt"))
     gamma_blocks = parse_blocks(args.gamma_blocks)
     if gamma_blocks and gamma_blocks[-1] >= model.depth:
         raise ValueError(f"--gamma-blocks {args.gamma_blocks}: this DiT has blocks 0-{model.depth - 1}")
