@@ -220,8 +220,10 @@ def check_args(args):
                 make_diffusion(*m)
             except ValueError as e:
                 raise ValueError(f"{flag} {s}: {e}") from None
+    patch = int(args.model.split("/")[1])  # DiT-S/2 -> 2
     files.check_flags(args, [
-        ("--image-size", args.image_size >= 8 and args.image_size % 8 == 0, "the latents are /8: use a positive multiple of 8 (256)"),
+        ("--image-size", args.image_size >= 8 and args.image_size % (8 * patch) == 0,
+         f"the latents are /8 and {args.model}'s patches {patch} wide: use a positive multiple of {8 * patch} (256)"),
         ("--batch-size", args.batch_size >= 1, "use at least 1 image per step"),
         ("--num-classes", args.num_classes >= 1, "use at least 1 class"),
         ("--methods", all(m in difffit.METHODS for m in args.methods.split(",")), f"comma-separated names of {', '.join(difffit.METHODS)}"),
@@ -230,8 +232,9 @@ def check_args(args):
         ("--rounds", args.rounds >= 1, "use at least 1 round"),
         ("--cfg-scale", math.isfinite(args.cfg_scale), "use a finite guidance scale"),
         ("--vae", not args.vae or args.what != "sample", "the sampling rows do not encode: drop --vae"),
-        ("--profile", args.profile is None or any(w in difffit.METHODS for w in args.profile.split()),
-         f"a training row, e.g. one of {', '.join(difffit.METHODS)}"),
+        ("--profile", args.profile is None or (sum(w in difffit.METHODS for w in args.profile.split()) == 1 and
+                                                 all(w in (*difffit.METHODS, "ref", "bf16", "compile", "+vae") for w in args.profile.split())),
+         f"a training row: one method ({', '.join(difffit.METHODS)}), with any of ref, bf16, compile, +vae, e.g. 'difffit bf16 compile'"),
     ])
 
 def main(args):

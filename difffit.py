@@ -289,7 +289,7 @@ def merge(model):
     """A state dict in the published key layout with γ and LoRA folded in; loads into a plain DiT(num_classes=K)."""
     if any(isinstance(m, (AdaptedMlp, PromptedBlock)) for m in model.modules()):
         raise ValueError("adapters and prompts are modules a plain DiT does not have, so they cannot be merged: "
-                         "sample from the base + delta.pt instead")
+                         "sample from the base and the delta instead (sample.py --delta delta.safetensors)")
     sd = {k: v.detach().clone() for k, v in model.state_dict().items() if "gamma" not in k and ".lora_" not in k}
     def fold(prefix, gamma):  # γ ⊙ (W x + b) = (diag(γ) W) x + γ ⊙ b
         if gamma is not None:
@@ -331,9 +331,10 @@ def main():
     parser.add_argument("--out", default=None, help="with --export: the folder to write (config.json + diffusion_pytorch_model.safetensors)")
     parser.error = lambda msg: die(f"{msg} (see --help)")  # argparse's own complaints as one line too, without the usage block
     args = parser.parse_args()
-    out = unwritable(args.out) if args.out else None
+    out, patch = unwritable(args.out) if args.out else None, int(args.model.split("/")[1])  # DiT-S/2 -> 2
     check_flags(args, [
-        ("--image-size", args.image_size >= 8 and args.image_size % 8 == 0, "the latents are /8: use a positive multiple of 8 (256)"),
+        ("--image-size", args.image_size >= 8 and args.image_size % (8 * patch) == 0,
+         f"the latents are /8 and {args.model}'s patches {patch} wide: use a positive multiple of {8 * patch} (256)"),
         ("--num-classes", args.num_classes >= 1, "use at least 1 class"),
         ("--export", args.export is None or os.path.isfile(args.export), "no such file: pass the delta.safetensors a run of train.py wrote"),
         ("--export", args.export is None or args.out, "needs --out DIR, the folder to write"),

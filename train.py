@@ -431,6 +431,8 @@ def open_bank(path, model):
         what = f"{bank.dtype} {bank.shape}" if isinstance(bank, np.ndarray) else "an .npz archive"
         raise ValueError(f"--diff-tuning {path}: holds {what}, not float32 samples (N, {', '.join(map(str, want))}) of this model: "
                          "write the bank from this base with sample.py --num-bank-samples")
+    if not np.isfinite(bank).all():  # else the first bank batch turns the loss into NaN, and the run blames --lr
+        raise ValueError(f"--diff-tuning {path}: holds NaN or inf samples: write the bank again with sample.py --num-bank-samples")
     return bank
 
 def bank_batches(bank, n, start, rank, world, seed, device):

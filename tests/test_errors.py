@@ -74,6 +74,7 @@ def files(tmp_path_factory, base):
     np.save(f("bank.npy"), np.zeros((4, 3, 32, 32), np.float32))
     np.save(f("bank_16px.npy"), np.zeros((4, 3, 16, 16), np.float32))
     np.save(f("bank_int.npy"), np.zeros((4, 3, 32, 32), np.int64))
+    np.save(f("bank_nan.npy"), np.full((4, 3, 32, 32), np.nan, np.float32))
     np.save(f("bank_objects.npy"), np.array([{"a": 1}] * 4, dtype=object), allow_pickle=True)
     cut(f("bank.npy"), f("bank_trunc.npy"))
     put(f("bank_pickle.npy"), pickle.dumps(Pickled()))
@@ -165,6 +166,7 @@ CASES = [
     (T + " --diff-tuning {bank} --bank-fraction 0.01", "of a per-rank batch of 4 gives 0 bank samples"),
     (T + " --bank-fraction 0.5", "--bank-fraction 0.5: only Diff-Tuning uses it"),
     (T + " --global-batch-size 10 --diff-tuning {bank} --tau -1", "--tau -1.0"),
+    (T + " --global-batch-size 10 --diff-tuning {bank_nan}", "bank_nan.npy: holds NaN or inf samples"),
     (T + " --global-batch-size 10 --diff-tuning {bank} --bank-weight nan", "--bank-weight nan"),
     (T + " --results-dir {afile}", "is a file, not a folder"),
     (T + " --results-dir {afile}/sub", "is a file, not a folder"),
@@ -289,6 +291,10 @@ CASES = [
     ("bench.py --methods difffit,nope", "--methods difffit,nope"),
     ("bench.py --iters 0", "--iters 0"),
     ("bench.py --image-size 100", "--image-size 100"),
+    ("bench.py --profile 'difffit nonsense'", "--profile difffit nonsense: a training row: one method"),
+    ("bench.py --profile 'full difffit'", "--profile full difffit: a training row: one method"),
+    ("bench.py --image-size 24", "--image-size 24: the latents are /8 and DiT-S/2's patches 2 wide: use a positive multiple of 16"),
+    ("difffit.py --image-size 24 --model DiT-XL/4", "--image-size 24: the latents are /8 and DiT-XL/4's patches 4 wide: use a positive multiple of 32"),
     ("bench.py --what sample --samplers ddpm1", "at least 2 steps"),
     ("bench.py --what sample --samplers euler20", "--samplers euler20"),
     ("bench.py --what sample --samplers dpm++10,15,20", "--samplers"),
