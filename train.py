@@ -105,6 +105,13 @@ def die(msg):
 
 parser.error = lambda msg: die(f"{msg} (see --help)")  # argparse's own complaints as one line too, without the usage block
 
+def parse_given(argv=None):
+    """(args, the flags typed on the command line): argparse leaves alone an attribute it finds in the namespace, so
+    what is still `unset` after parsing was not typed. A resumed run refuses typed flags that disagree with its own."""
+    defaults, unset = vars(parser.parse_args([])), object()
+    args = vars(parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(defaults, unset))))
+    return argparse.Namespace(**{k: defaults[k] if v is unset else v for k, v in args.items()}), {k for k, v in args.items() if v is not unset}
+
 def git_info():
     run = lambda *cmd: subprocess.run(cmd, capture_output=True, text=True, cwd=difffit.ROOT).stdout.strip()
     try:
@@ -192,8 +199,9 @@ def runs(results_dir):
     names = os.listdir(results_dir) if os.path.isdir(results_dir) else []
     return sorted((int(d.split("-")[0]), os.path.join(results_dir, d)) for d in names if "-" in d and d.split("-")[0].isdigit())
 
-def resolve_args(args, world=1):
-    """(args, dataset info, checkpoint or None): a resumed run takes its own arguments, the rest default by dataset."""
+def resolve_args(args, world=1, given=None):
+    """(args, dataset info, checkpoint or None): a resumed run takes its own arguments, the rest default by dataset.
+    given: the flags typed (parse_given); without it, those that differ from their defaults."""
     ckpt = None
     if args.resume:
         run_dir = args.resume
@@ -213,7 +221,8 @@ def resolve_args(args, world=1):
         defaults = vars(parser.parse_args([]))
         own = {**defaults, **ckpt["args"]}
         fixed = [k for k in defaults if k not in ("resume", "results_dir", "max_steps", "ckpt")]
-        check_flags(args, [(f"--{k.replace('_', '-')}", getattr(args, k) in (defaults[k], own[k]),
+        given = given if given is not None else {k for k in fixed if getattr(args, k) != defaults[k]}
+        check_flags(args, [(f"--{k.replace('_', '-')}", k not in given or getattr(args, k) == own[k],
                             f"--resume continues the run with its own setting ({own[k]}): drop the flag, or start a new run") for k in fixed])
         check_flags(args, [
             ("--max-steps", args.max_steps is None or args.max_steps >= ckpt["step"], f"the run is at step {ckpt['step']} already: pass more steps"),
@@ -492,13 +501,13 @@ def toy_eval(model, params, args, bf16, what, run_dir, step, log0):
 
 # -----------------------------------------------------------------------------
 
-def main(args):
+def main(args, given=None):
     # Settings first, so bad input fails before a download, a run folder or a step: every flag checked, a resumed run's
     # own settings or these with defaults by dataset (checked again); the batch per rank and micro-step.
     ddp = launched_by_torchrun()  # torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; plain python is one process
     world = int(os.environ.get("WORLD_SIZE", 1)) if ddp else 1
     check_args(args, world)
-    args, info, ckpt = resolve_args(args, world)
+    args, info, ckpt = resolve_args(args, world, given)
     is_toy = info.get("toy", False)
     batch = args.global_batch_size // (world * args.grad_accum)
     n_bank = int(args.bank_fraction * batch) if args.diff_tuning else 0  # Diff-Tuning: 0.2 x 32 -> 6 bank + 26 data
@@ -646,6 +655,6 @@ def main(args):
 
 if __name__ == "__main__":
     try:
-        main(parser.parse_args())
+        main(*parse_given())
     except (ValueError, OSError) as e:  # bad input, or a folder that cannot be written: one line, exit code 2
         die(str(e))

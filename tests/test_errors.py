@@ -181,6 +181,7 @@ CASES = [
     (T + " --resume latest --results-dir {unfinished}", "no run in"),
     (T + " --resume {run} --lr 0.01", "--lr 0.01: --resume continues the run with its own setting (0.001)"),
     (T + " --resume {run} --max-steps 1", "the run is at step 2 already"),
+    ("train.py --resume {run} --precision auto", "--precision auto: --resume continues the run with its own setting (fp32)"),  # typed, = default
     (T + " --global-batch-size x", "argument --global-batch-size: invalid int value: 'x'"),
     (T + " --method nope", "argument --method: invalid choice: 'nope'"),
     (T + " --no-such-flag", "unrecognized arguments: --no-such-flag"),
