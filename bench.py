@@ -163,8 +163,10 @@ def sampler(row, device, args):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 return generate(model, diffusion, labels, args.cfg_scale, sampler=name)
         diffusion = diffusion_for(respacing, ref)
-        # ADM's p_sample_loop as DiT's sample.py drives it: CFG on the doubled batch
+        # ADM's p_sample_loop as DiT's sample_ddp.py drives it: CFG on the doubled batch, plain calls at scale 1
         z = torch.randn(len(labels), 4, model.input_size, model.input_size, device=device)
+        if args.cfg_scale == 1:
+            return diffusion.p_sample_loop(model.forward, None, z, model_kwargs=dict(y=torch.tensor(labels, device=device)))
         y = torch.tensor(labels + [model.num_classes] * len(labels), device=device)
         return diffusion.p_sample_loop(model.forward_with_cfg, None, torch.cat([z, z]), model_kwargs=dict(y=y, cfg_scale=args.cfg_scale))
     return run
@@ -181,12 +183,13 @@ def matmul_peak(device, dtype, n=2048, k=8):
 
 @torch.no_grad()
 def sample_flops(args, row):
-    """FLOPs of one sampling call: one guided model call on the doubled batch per step (on the meta device)."""
-    meta, n, s = torch.device("meta"), 2 * args.batch_size, args.image_size // 8
+    """FLOPs of one sampling call: one model call per step, guided on the doubled batch unless the scale is 1 (on the meta device)."""
+    cfg = args.cfg_scale != 1
+    meta, n, s = torch.device("meta"), (1 + cfg) * args.batch_size, args.image_size // 8
     model = build("difffit", False, meta, args).eval()
+    x, t = torch.empty(n, 4, s, s, device=meta), torch.zeros(n, dtype=torch.long, device=meta)
     with FlopCounterMode(display=False) as counter:
-        model.forward_with_cfg(torch.empty(n, 4, s, s, device=meta), torch.zeros(n, dtype=torch.long, device=meta),
-                               torch.zeros(n, dtype=torch.long, device=meta), args.cfg_scale)
+        model.forward_with_cfg(x, t, t, args.cfg_scale) if cfg else model(x, t, t)
     name, steps = ("ddpm", args.ref_steps) if row.startswith("ref") else sampler_steps(row.split()[1])
     return counter.get_total_flops() * make_diffusion(name, steps).num_timesteps
 

@@ -96,6 +96,11 @@ def test_sampling_table(tiny, capsys, monkeypatch, native):
     assert list(rows) == ["ref sample", "sample ddpm3", "sample sde-dpm++3", "sample ddpm3 bf16", "sample sde-dpm++3 bf16"]
     assert rows["ref sample"][2] == "1.00x" and all(float(r[1]) > 0 and len(r) == 5 for r in rows.values())
 
+def test_sampling_flops_count_the_cfg_batch_only_when_guided(tiny):
+    """At --cfg-scale 1 neither loop doubles the batch (generate; DiT's sample_ddp.py), so the count halves."""
+    guided, plain = (bench.sample_flops(tiny("--what", "sample", "--cfg-scale", c), "sample ddpm3") for c in ("4", "1"))
+    assert plain > 0 and guided == 2 * plain
+
 def test_memory_child_reports_its_peak(tiny, capsys):
     bench.main(tiny("--child", "difffit"))
     assert int(capsys.readouterr().out.split()[-1]) > 2**20  # bytes; at least the interpreter
