@@ -621,6 +621,12 @@ def main(args, given=None):
                     metrics_file.flush()
                 running.zero_()
                 t0, since = time.time(), step
+            t_aside = time.time()  # steps/s counts training only, not the curve or the grids
+            if measure and args.eval_every and step % args.eval_every == 0 and step < args.max_steps:  # the toy: a curve
+                toy_eval(model, ema, args, bf16, "curve", run_dir, step, log0)  # before the checkpoint, whose log size includes it
+            if args.sample_every and step % args.sample_every == 0 and rank == 0:
+                save_samples(model, ema, args, info["classes"], vae, bf16, os.path.join(run_dir, f"samples-{step:07d}.png"))
+            t0 += time.time() - t_aside
             if step % args.ckpt_every == 0 or step == args.max_steps:
                 rngs = rng_states(ddp, world, trained, step, device)
                 if rank == 0:
@@ -630,12 +636,6 @@ def main(args, given=None):
                 if ddp:
                     dist.barrier()
                     log0(f"step {step}: {world} replicas in sync, checkpoint saved")
-            if measure and args.eval_every and step % args.eval_every == 0 and step < args.max_steps:  # the toy: a curve
-                t_eval = time.time()
-                toy_eval(model, ema, args, bf16, "curve", run_dir, step, log0)
-                t0 += time.time() - t_eval  # steps/s counts training only
-            if args.sample_every and step % args.sample_every == 0 and rank == 0:
-                save_samples(model, ema, args, info["classes"], vae, bf16, os.path.join(run_dir, f"samples-{step:07d}.png"))
         bar.close()
 
         # The results (rank 0): the delta (EMA of the trained tensors), the merged plain DiT, a grid of EMA samples.

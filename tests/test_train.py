@@ -92,6 +92,28 @@ def test_sample_cli_is_deterministic(tmp_path, base):
         outs.append((tmp_path / name).read_bytes())
     assert outs[0] == outs[1]
 
+def test_sample_grids_along_the_run_do_not_count_as_training_time(tmp_path, base, monkeypatch):
+    """A fake clock: 1 s per reading, 1000 s per grid. The logged steps/s must see only the former."""
+    import re, types
+    clock = [0.0]
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(time=lambda: clock.__setitem__(0, clock[0] + 1) or clock[0]))
+    monkeypatch.setattr(train, "save_samples", lambda *a, **k: clock.__setitem__(0, clock[0] + 1000))
+    run_dir = run(tmp_path, base, "--max-steps", "4", "--log-every", "4", "--sample-every", "1", "--eval-per-class", "0")
+    rate = float(re.search(r"\| ([\d.]+) steps/s", open(os.path.join(run_dir, "log.txt")).read()).group(1))
+    assert rate > 0.1  # 4 steps over a few fake seconds, not over 4000 s of grids
+
+def test_a_resumed_run_keeps_the_curve_measured_at_its_checkpoint(tmp_path, base, monkeypatch):
+    """The curve at a checkpoint's step is measured before the checkpoint, so the log that a resume cuts back keeps it."""
+    def killed(*a, **k):
+        raise KeyboardInterrupt  # after the checkpoint at step 2, at step 3's grid
+    monkeypatch.setattr(train, "save_samples", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, base, "--max-steps", "4", "--eval-every", "2", "--ckpt-every", "2", "--sample-every", "3")
+    monkeypatch.undo()
+    run_dir = train.main(train.parser.parse_args(["--resume", "latest", "--results-dir", str(tmp_path / "results")]))
+    log = open(os.path.join(run_dir, "log.txt")).read()
+    assert "toy measure, curve at step 2" in log and [l.split(",")[0] for l in open(os.path.join(run_dir, "toy_curve.csv"))] == ["step", "2"]
+
 def test_a_grid_is_drawn_batch_size_samples_at_a_time(tmp_path, base, monkeypatch):
     import numpy as np
     from PIL import Image
