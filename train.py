@@ -156,6 +156,8 @@ def check_args(args, world=1):
         ("--num-workers", args.num_workers >= 0, "use 0 (decode in the training process) or more"),
         ("--ckpt", args.ckpt in (None, "scratch") or published(args.ckpt) or os.path.exists(args.ckpt),
          "no such file: pass a base checkpoint, a published name (DiT-XL-2-256x256.pt) or 'scratch'"),
+        ("--ckpt", args.ckpt != "scratch" or args.method == "full",  # its delta could not rebuild the frozen random weights
+         f"a random init has no weights worth keeping frozen: train it with --method full, or fine-tune a base with {args.method}"),
         # difffit and Diff-Tuning
         ("--gamma-blocks", args.gamma_blocks is None or args.method == "difffit", only_difffit),
         ("--no-gamma-qkv", not args.no_gamma_qkv or args.method == "difffit", only_difffit),
@@ -254,8 +256,8 @@ def create_model(args, info, ckpt):
         return model, delta["config"], delta["spec"]
     if info.get("toy"):  # pixel space; the toy base's architecture (used for --ckpt scratch, the base's pretraining)
         config = dict(toy.BASE_CONFIG, input_size=args.image_size, num_classes=info["classes"])
-    else:  # latent space; used for 'scratch' and for raw published checkpoints, which carry no config
-        config = raw_config(args.model, args.image_size)
+    else:  # latent space; used for 'scratch' (with the data's classes) and for raw published checkpoints, which carry no config
+        config = dict(raw_config(args.model, args.image_size), **({"num_classes": info["classes"]} if args.ckpt == "scratch" else {}))
     model, config, base_grid = load_model(args.ckpt, config, input_size=config["input_size"])
     if model.in_channels != (3 if info.get("toy") else 4):  # found now, not after a latent cache was encoded for it
         raise ValueError(f"--ckpt {args.ckpt}: a DiT of {model.in_channels}-channel inputs, but --data {args.data} is " +
