@@ -75,11 +75,12 @@ def make_diffusion(sampler, steps):
     return diffusion
 
 def latest_delta(results_dir):
-    runs = sorted(glob.glob(os.path.join(results_dir, "[0-9][0-9][0-9]-*", "delta.safetensors")) +
-                  glob.glob(os.path.join(results_dir, "[0-9][0-9][0-9]-*", "delta.pt")))
+    """The delta of the finished run with the highest number NNN-<name> (train.py numbers on past 999, as --resume latest)."""
+    number = lambda f: os.path.basename(os.path.dirname(f)).split("-")[0]
+    runs = [f for ext in ("safetensors", "pt") for f in glob.glob(os.path.join(results_dir, "*-*", f"delta.{ext}")) if number(f).isdigit()]
     if not runs:
         raise FileNotFoundError(f"no finished run in {results_dir}/: run `python train.py` first, or pass --delta / --ckpt")
-    return runs[-1]
+    return max(runs, key=lambda f: (int(number(f)), f))
 
 def output(args, src):
     """Where the results go: the grid PNG, the FID sample folder or the bank .npy; by default next to what is sampled."""
@@ -213,7 +214,7 @@ def write_grid(model, diffusion, args, labels, vae, out):
                      None if args.guide_all_channels else 3, progress=len(batches) == 1)
         images.append(to_images(x, vae))
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    save_grid(torch.cat(images), out, nrow=max(8, args.per_class) if args.per_class > 1 else 8)
+    save_grid(torch.cat(images), out, nrow=args.per_class * max(1, 8 // args.per_class))  # whole classes per row, 8 wide or so
 
 def write_fid_samples(model, diffusion, args, vae, out, rank, world):
     """N class-balanced samples as PNGs in `out`, then an ADM .npz (arr_0: uint8 N, H, W, 3) beside it. A PNG that

@@ -92,6 +92,21 @@ def test_sample_cli_is_deterministic(tmp_path, base):
         outs.append((tmp_path / name).read_bytes())
     assert outs[0] == outs[1]
 
+def test_the_latest_run_is_the_highest_numbered_as_resume_latest_takes_it(tmp_path):
+    for name in ("999-toy-difffit", "1000-toy-bitfit", "notes-x", "001-toy-difffit"):
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / "delta.safetensors").write_bytes(b"")
+    assert sample.latest_delta(str(tmp_path)) == str(tmp_path / "1000-toy-bitfit" / "delta.safetensors")
+    assert [d for _, d in train.runs(str(tmp_path))][-1] == str(tmp_path / "1000-toy-bitfit")
+
+def test_a_grid_with_several_samples_per_class_keeps_each_class_in_one_row(tmp_path, base):
+    import numpy as np
+    from PIL import Image
+    sample.main(sample.parser.parse_args(["--ckpt", base, "--steps", "2", "--precision", "fp32", "--classes", "0,1,2", "--per-class", "3",
+                                          "--out", str(tmp_path / "g.png")]))
+    s = 4 * 32 + 2
+    assert np.array(Image.open(tmp_path / "g.png")).shape == (2 * s + 2, 6 * s + 2, 3)  # classes 0 and 1, then 2: 6 wide, not 8
+
 def test_sample_grids_along_the_run_do_not_count_as_training_time(tmp_path, base, monkeypatch):
     """A fake clock: 1 s per reading, 1000 s per grid. The logged steps/s must see only the former."""
     import re, types
