@@ -133,10 +133,20 @@ def collate(batch):
     batch = [b for b in batch if b is not None]
     return torch.stack([b[0] for b in batch]) if batch else torch.zeros(0, 3, 0, 0, dtype=torch.uint8), torch.tensor([b[1] for b in batch], dtype=torch.long)
 
+def walk(top):
+    """(folder, file names) under top, following linked folders but each real folder once: a link back up would loop."""
+    seen = set()
+    for dirpath, dirs, files in os.walk(top, followlinks=True):
+        if os.path.realpath(dirpath) in seen:
+            dirs[:] = []
+            continue
+        seen.add(os.path.realpath(dirpath))
+        yield dirpath, files
+
 def read_folder(folder):
     """An image folder: classes = sorted sub-folders (hidden ones skipped), images found recursively inside each."""
     classes = sorted(d.name for d in os.scandir(folder) if d.is_dir() and not d.name.startswith("."))
-    samples = [(os.path.join(dirpath, f), y) for y, c in enumerate(classes) for dirpath, _, files in os.walk(os.path.join(folder, c), followlinks=True)
+    samples = [(os.path.join(dirpath, f), y) for y, c in enumerate(classes) for dirpath, files in walk(os.path.join(folder, c))
                for f in files if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
     if not samples:
         raise FileNotFoundError(f"{folder}: no images in <class>/ sub-folders (extensions {', '.join(IMAGE_EXTENSIONS)})")
@@ -231,7 +241,9 @@ def encode_cache(name, root, split, image_size, vae, vae_name, batch_size=32, ra
     assert image_size % 8 == 0, "the VAE downsamples by 8"
     ds = open_dataset(name, root, split, image_size)
     base, fp = cache_base(name, root, split, image_size, vae_name), cache_settings(name, split, image_size, vae_name)
-    listing = "\n".join(f"{os.path.relpath(p, ds.root)}\t{y}" for p, y in ds.samples)  # the images it is made of
+    def stamp(p):  # an image replaced or repaired in place is another image (a broken link: unreadable, and skipped)
+        return f"{os.stat(p).st_size}\t{os.stat(p).st_mtime_ns}" if os.path.exists(p) else "missing"
+    listing = "\n".join(f"{os.path.relpath(p, ds.root)}\t{y}\t{stamp(p)}" for p, y in ds.samples)  # the images it is made of, as they are now
     fp["listing"] = hashlib.sha1(listing.encode()).hexdigest()
     if os.path.exists(base + ".json"):
         with open(base + ".json") as f:

@@ -250,6 +250,19 @@ def test_fingerprint_refuses_other_settings_and_tracks_the_images(tmp_path, monk
     save_image(os.path.join(folder, "dog", "new.jpg"), 30, 30, 7)  # the dataset changed: encoded again
     prepare.encode_cache(folder, root, "train", 16, vae, "a", batch_size=4)
     assert vae.calls > 0 and prepare.open_cache(folder, root, "train", 16, "a")["meta"]["n"] == 7
+    calls = vae.calls
+    save_image(os.path.join(folder, "cat", "truncated.jpg"), 30, 30, 8)  # an unreadable image repaired in place: encoded again
+    prepare.encode_cache(folder, root, "train", 16, vae, "a", batch_size=4)
+    assert vae.calls > calls and prepare.open_cache(folder, root, "train", 16, "a")["meta"]["skipped"] == ["dog/garbage.jpg"]
+
+
+def test_a_folder_linked_back_up_is_read_once(tmp_path):
+    folder = make_folder(str(tmp_path / "pics"))
+    n = len(prepare.read_folder(folder)[0])
+    os.symlink("..", os.path.join(folder, "cat", "sub", "loop"))  # cat/sub/loop -> cat: os.walk with followlinks would go round 40 times
+    os.symlink(os.path.join(folder, "dog"), os.path.join(folder, "cat", "dogs"))  # a linked folder elsewhere is still read
+    samples = prepare.read_folder(folder)[0]
+    assert len(samples) == n + 4 and len({os.path.realpath(p) for p, _ in samples}) == n
 
 
 def test_interrupted_encode_resumes_from_finished_chunks(tmp_path):
