@@ -283,6 +283,7 @@ CASES = [
     ("prepare.py --data {imgs} --image-size 128", "argument --image-size: invalid choice"),
     # study.py
     ("study.py --only table9", "--only table9: comma-separated names of table1"),
+    ('study.py --only ""', "--only : comma-separated names of table1"),  # empty: refused, not the whole 2-hour study
     ("study.py --seeds 0", "--seeds 0: use at least 1 seed"),
     ("study.py --steps 0", "--steps 0"),
     ("study.py --sample-steps 1", "--sample-steps 1: SDE-DPM-Solver++ takes 2 .. 1000"),
