@@ -70,10 +70,14 @@ DATASETS = {
     # tv: the torchvision class, reading <data-dir>/<name>/ with splits {ours: its split argument}; None means torchvision has
     # no split, so "train" is every image (the paper does not say which images it used). Without tv: an image folder
     # <data-dir>/<name>/<split>/. how: what to do when it is missing.
-    "food101":       dict(classes=101, tv="Food101", splits={"train": "train", "test": "test"}, how="`python prepare.py --data food101 --download` fetches it (5 GB from ETH Zurich)"),
-    "sun397":        dict(classes=397, tv="SUN397", splits={"train": None}, how="`python prepare.py --data sun397 --download` fetches it (from vision.princeton.edu)"),
-    "caltech101":    dict(classes=101, tv="Caltech101", splits={"train": None}, how="`python prepare.py --data caltech101 --download` fetches it (from data.caltech.edu)"),
-    "flowers102":    dict(classes=102, tv="Flowers102", splits={"train": "train", "val": "val", "test": "test"}, how="`python prepare.py --data flowers102 --download` fetches it (from robots.ox.ac.uk)"),
+    "food101":       dict(classes=101, tv="Food101", splits={"train": "train", "test": "test"},
+                          how="`python prepare.py --data food101 --download` fetches it (5 GB from ETH Zurich)"),
+    "sun397":        dict(classes=397, tv="SUN397", splits={"train": None},
+                          how="`python prepare.py --data sun397 --download` fetches it (from vision.princeton.edu)"),
+    "caltech101":    dict(classes=101, tv="Caltech101", splits={"train": None},
+                          how="`python prepare.py --data caltech101 --download` fetches it (from data.caltech.edu)"),
+    "flowers102":    dict(classes=102, tv="Flowers102", splits={"train": "train", "val": "val", "test": "test"},
+                          how="`python prepare.py --data flowers102 --download` fetches it (from robots.ox.ac.uk)"),
     "stanford_cars": dict(classes=196, tv="StanfordCars", splits={"train": "train", "test": "test"},
                           how="torchvision cannot download it (the Stanford URL is dead): put cars_train/, cars_test/, devkit/ and "
                               "cars_test_annos_withlabels.mat from a mirror (e.g. Kaggle) into <data-dir>/stanford_cars/stanford_cars/"),
