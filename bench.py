@@ -189,7 +189,10 @@ def sample_flops(args, row):
     model = build("difffit", False, meta, args).eval()
     x, t = torch.empty(n, 4, s, s, device=meta), torch.zeros(n, dtype=torch.long, device=meta)
     with FlopCounterMode(display=False) as counter:
-        model.forward_with_cfg(x, t, t, args.cfg_scale) if cfg else model(x, t, t)
+        if cfg:
+            model.forward_with_cfg(x, t, t, args.cfg_scale)
+        else:
+            model(x, t, t)
     name, steps = ("ddpm", args.ref_steps) if row.startswith("ref") else sampler_steps(row.split()[1])
     return counter.get_total_flops() * make_diffusion(name, steps).num_timesteps
 
@@ -223,7 +226,7 @@ def check_args(args):
                 make_diffusion(*m)
             except ValueError as e:
                 raise ValueError(f"{flag} {s}: {e}") from None
-    patch = int(args.model.split("/")[1])  # DiT-S/2 -> 2
+    patch, words = int(args.model.split("/")[1]), (args.profile or "").split()  # DiT-S/2 -> 2; 'difffit bf16' -> its words
     files.check_flags(args, [
         ("--image-size", args.image_size >= 8 and args.image_size % (8 * patch) == 0,
          f"the latents are /8 and {args.model}'s patches {patch} wide: use a positive multiple of {8 * patch} (256)"),
@@ -235,8 +238,8 @@ def check_args(args):
         ("--rounds", args.rounds >= 1, "use at least 1 round"),
         ("--cfg-scale", math.isfinite(args.cfg_scale), "use a finite guidance scale"),
         ("--vae", not args.vae or args.what != "sample", "the sampling rows do not encode: drop --vae"),
-        ("--profile", args.profile is None or (sum(w in difffit.METHODS for w in args.profile.split()) == 1 and
-                                                 all(w in (*difffit.METHODS, "ref", "bf16", "compile", "+vae") for w in args.profile.split())),
+        ("--profile", args.profile is None or (sum(w in difffit.METHODS for w in words) == 1 and
+                                                 all(w in (*difffit.METHODS, "ref", "bf16", "compile", "+vae") for w in words)),
          f"a training row: one method ({', '.join(difffit.METHODS)}), with any of ref, bf16, compile, +vae, e.g. 'difffit bf16 compile'"),
     ])
 

@@ -109,10 +109,15 @@ def test_a_grid_with_several_samples_per_class_keeps_each_class_in_one_row(tmp_p
 
 def test_sample_grids_along_the_run_do_not_count_as_training_time(tmp_path, base, monkeypatch):
     """A fake clock: 1 s per reading, 1000 s per grid. The logged steps/s must see only the former."""
-    import re, types
-    clock = [0.0]
-    monkeypatch.setattr(train, "time", types.SimpleNamespace(time=lambda: clock.__setitem__(0, clock[0] + 1) or clock[0]))
-    monkeypatch.setattr(train, "save_samples", lambda *a, **k: clock.__setitem__(0, clock[0] + 1000))
+    import re
+    class Clock:  # stands in for the time module: 1 s per reading
+        now = 0.0
+        def time(self):
+            self.now += 1
+            return self.now
+    clock = Clock()
+    monkeypatch.setattr(train, "time", clock)
+    monkeypatch.setattr(train, "save_samples", lambda *a, **k: setattr(clock, "now", clock.now + 1000))
     run_dir = run(tmp_path, base, "--max-steps", "4", "--log-every", "4", "--sample-every", "1", "--eval-per-class", "0")
     rate = float(re.search(r"\| ([\d.]+) steps/s", open(os.path.join(run_dir, "log.txt")).read()).group(1))
     assert rate > 0.1  # 4 steps over a few fake seconds, not over 4000 s of grids
