@@ -261,8 +261,7 @@ def load(delta, base=None):
     trained on, redo the surgery, load the trained tensors. `delta` is a path or a delta dict."""
     delta = read_delta(delta) if isinstance(delta, str) else delta
     path = base or base_path(delta["base"])
-    named = path == "scratch" or (published(path) and not os.path.exists(path))  # downloaded on demand, or a random init
-    if not named and not os.path.exists(path):
+    if path != "scratch" and not published(path) and not os.path.exists(path):  # published ones download on demand
         raise FileNotFoundError(f"the delta's base {path} is missing: pass --base with the checkpoint it was trained from")
     model, _, _ = load_model(path, delta["config"], input_size=delta["config"]["input_size"])
     apply_delta(model, delta)
@@ -312,7 +311,7 @@ def interpolate_pos_embed(model, base_grid):
     """Evaluate the sin-cos table at (i/s, j/s) so a larger grid lines up with the grid it was trained on."""
     grid = model.input_size // model.patch_size
     table = get_2d_sincos_pos_embed(model.hidden_size, grid, scale=grid / base_grid)
-    model.pos_embed.data.copy_(torch.as_tensor(table, dtype=model.pos_embed.dtype).reshape(model.pos_embed.shape))
+    model.pos_embed.data.copy_(table[None])  # (1, T, D); copy_ casts to the parameter's dtype
 
 # -----------------------------------------------------------------------------
 # parameter accounting like the paper's Table 1

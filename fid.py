@@ -201,7 +201,7 @@ def preprocess(img, mode):
     return 2 * F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)[0] - 1
 
 class Images(torch.utils.data.Dataset):
-    """Network inputs from image files, a uint8 (N, H, W, 3) array, or a dataset of (x in [-1, 1], label)."""
+    """Network inputs from image files, a uint8 (N, H, W, 3) array, or a dataset of (uint8 (3, H, W), label)."""
     def __init__(self, items, mode):
         self.items, self.mode = items, mode
 
@@ -219,11 +219,8 @@ class Images(torch.utils.data.Dataset):
                     img = np.asarray(f.convert("RGB"))  # convert() decodes, so truncated files fail here
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
                 return f"{item}: {e}"
-        elif isinstance(item, (tuple, list)):  # (image (3, H, W), label) from prepare.open_dataset
-            x = item[0]
-            if x.is_floating_point():  # in [-1, 1]: quantised as DiT saves its samples (the cast truncates: +128 rounds)
-                x = (127.5 * x + 128).clamp(0, 255).to(torch.uint8)
-            img = x.permute(1, 2, 0).numpy()
+        elif isinstance(item, (tuple, list)):  # (uint8 image (3, H, W), label) from prepare.open_dataset
+            img = item[0].permute(1, 2, 0).numpy()
         else:
             img = np.asarray(item)
         return preprocess(img, self.mode)

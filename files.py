@@ -87,11 +87,7 @@ def write_safetensors(path, tensors, metadata=None):
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # pad so the payload starts 8-byte aligned, as the safetensors package does
-    def write(f):
-        f.write(len(head).to_bytes(8, "little") + head)
-        for blob in blobs:
-            f.write(blob)
-    atomic_write(path, write)
+    atomic_write(path, lambda f: f.writelines([len(head).to_bytes(8, "little") + head, *blobs]))
 
 def read_safetensors(path):
     """A .safetensors file -> (name -> CPU tensor, metadata dict). Anything that is not a whole, consistent file

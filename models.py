@@ -46,13 +46,12 @@ class PatchEmbed(nn.Module):
 class TimestepEmbedder(nn.Module):
     """Diffusion step t -> D-dim vector: sinusoidal features then a 2-layer MLP."""
 
-    def __init__(self, hidden_size, frequency_embedding_size=256):
+    def __init__(self, hidden_size):
         super().__init__()
-        self.frequency_embedding_size = frequency_embedding_size
-        self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+        self.mlp = nn.Sequential(nn.Linear(256, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))  # 256 features
 
     def forward(self, t):
-        return self.mlp(timestep_embedding(t, self.frequency_embedding_size))
+        return self.mlp(timestep_embedding(t))
 
 class LabelEmbedder(nn.Module):
     """Class label -> D-dim vector; in training a label is replaced by the null class num_classes with prob dropout_prob."""
@@ -201,17 +200,13 @@ class DiT(nn.Module):
         nn.init.zeros_(self.x_embedder.proj.bias)
         # label table and timestep MLP weights: N(0, 0.02)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        # adaLN-Zero: all modulations (so all gates) start at 0, so every block starts as the identity ...
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-        # ... and the output layer starts at 0, so a fresh DiT outputs exactly 0
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
+        for i in (0, 2):
+            nn.init.normal_(self.t_embedder.mlp[i].weight, std=0.02)
+        # adaLN-Zero: all modulations (so all gates) start at 0, so every block starts as the identity, and the output
+        # layer starts at 0, so a fresh DiT outputs exactly 0
+        for m in [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]:
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
 
     def unpatchify(self, x):
         """(N, T, p·p·C) tokens -> (N, C, H, W); each token holds its patch as (p_row, p_col, channel)."""
@@ -250,16 +245,16 @@ class DiT(nn.Module):
         guided = uncond + cfg_scale * (cond - uncond)       # (n, k, H, W)
         return torch.cat([torch.cat([guided, guided]), rest], dim=1)  # (2n, out_channels, H, W)
 
+def _misfit(got, ref, a="", b=""):
+    """Why the tensors `got` do not fit the layout `ref` (name -> tensor), as one phrase; "" if they fit."""
+    missing, unexpected = sorted(ref.keys() - got.keys()), sorted(got.keys() - ref.keys())
+    shape = [f"{k} {a}{tuple(got[k].shape)} vs {b}{tuple(ref[k].shape)}" for k in ref if k in got and got[k].shape != ref[k].shape]
+    few = lambda ks: ", ".join(ks[:3]) + (f" (+{len(ks) - 3} more)" if len(ks) > 3 else "")
+    return "; ".join(f"{what} {few(ks)}" for what, ks in [("missing", missing), ("unexpected", unexpected), ("shape", shape)] if ks)
+
 def load_dit_state_dict(model, state_dict, name):
     """load_state_dict(strict=True), but a mismatch raises one readable line naming the config."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    shapes = [f"{k} checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
-              for k, v in own.items() if k in state_dict and state_dict[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        few = lambda keys: ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
-        found = "; ".join(f"{what} {few(keys)}" for what, keys in [("missing", missing), ("unexpected", unexpected), ("shape", shapes)] if keys)
+    if found := _misfit(state_dict, model.state_dict(), "checkpoint ", "model "):
         S, kind = model.input_size, "latents" if model.in_channels == 4 else "pixels"
         raise ValueError(f"checkpoint does not fit {name} at {S}x{S} {kind}: {found} — pick the --model / --image-size the checkpoint was trained with")
     model.load_state_dict(state_dict, strict=True)
@@ -604,13 +599,6 @@ def _from_diffusers(dsd, model):
             names = _diffusers_names(k, model.depth)
             sd[k] = torch.cat([dsd[n] for n in names]) if ".qkv." in k else dsd[names[0]]
     return sd
-
-def _misfit(got, ref):
-    """Why the tensors `got` do not fit the layout `ref` (name -> tensor), as one phrase; "" if they fit."""
-    missing, unexpected = sorted(ref.keys() - got.keys()), sorted(got.keys() - ref.keys())
-    shape = [f"{k} {tuple(got[k].shape)} vs {tuple(ref[k].shape)}" for k in ref if k in got and got[k].shape != ref[k].shape]
-    few = lambda ks: ", ".join(ks[:3]) + (f" (+{len(ks) - 3} more)" if len(ks) > 3 else "")
-    return "; ".join(f"{what} {few(ks)}" for what, ks in [("missing", missing), ("unexpected", unexpected), ("shape", shape)] if ks)
 
 def read_diffusers_dit(folder):
     """A diffusers DiT folder (config.json + diffusion_pytorch_model.safetensors or .bin), or a hub name in PRETRAINED such as

@@ -130,12 +130,6 @@ def check_args(args):
     if why or (os.path.isdir(out) and not args.num_fid_samples):
         raise ValueError(f"{flag} {out}: {why or 'a folder, not a file name'}; pass a {flag} you can write to")
 
-def load(args, src):
-    """The model to sample from: a whole checkpoint (--ckpt), or a base + delta."""
-    if args.ckpt:
-        return load_model(src, raw_config(args.model, args.image_size))[0]
-    return difffit.load(src, base=args.base)[0]
-
 @torch.no_grad()
 def generate(model, diffusion, labels, cfg_scale, seed=0, sampler="ddpm", guide_channels=3, progress=False):
     """Samples (N, C, H, W) float32 in the model's space (latents, or pixels in [-1, 1]) for the given labels.
@@ -278,7 +272,8 @@ def main(args):
 
     # The respaced diffusion, the model and the VAE.
     diffusion = make_diffusion(args.sampler, args.steps)
-    model = load(args, src).to(device).eval()
+    model = load_model(src, raw_config(args.model, args.image_size))[0] if args.ckpt else difffit.load(src, base=args.base)[0]  # whole, or base + delta
+    model = model.to(device).eval()
     vae = load_vae(args.vae).to(device).eval() if model.in_channels == 4 else None
     if rank == 0:
         print(precision_note(args.precision, device), flush=True)

@@ -236,13 +236,11 @@ def resolve_args(args, world=1, given=None):
         if base != "scratch" and not published(base) and not os.path.exists(base):
             raise FileNotFoundError(f"--resume {run_dir}: its base {base} is missing: pass --ckpt with where it is now")
     is_toy = DATASETS.get(args.data, {}).get("toy", False)
-    for k, v in (TOY if is_toy else PAPER).items():
+    for k, v in (dict(TOY, image_size=DATASETS[args.data]["size"]) if is_toy else PAPER).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     if args.lr is None:
         args.lr = 1e-4 if args.method == "full" else 1e-3  # Table 4d: PEFT is best at 10x DiT's 1e-4
-    if args.image_size is None:
-        args.image_size = DATASETS[args.data]["size"] if is_toy else PAPER["image_size"]
     # the toy's base is shipped; the toy's ImageNet is what it was pretrained on (from scratch)
     args.ckpt = args.ckpt or (("scratch" if args.data == "toy-source" else toy.BASE_PATH) if is_toy else "DiT-XL-2-256x256.pt")
     check_args(args, world)  # again, on what the run will really use
@@ -275,13 +273,18 @@ def create_model(args, info, ckpt):
     difffit.apply(model, spec)
     return model, config, spec
 
+@functools.lru_cache(maxsize=4)  # the data's and the bank's current epochs (and the next, where a batch spans two)
+def epoch_order(n, seed, epoch):
+    """The permutation of n items for one epoch: drawn once per epoch, not at every micro-step (ImageNet: ~50 ms each)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
 def batch_indices(i, n, batch, rank, world, seed):
     """Dataset indices of one rank's share of global micro-batch i. Each epoch is a seeded permutation, so
     any batch is a pure function of (seed, i): a resumed run sees exactly the batches it would have seen."""
     pos = (i * world + rank) * batch + torch.arange(batch)  # positions in the endless stream of epochs
     out = torch.empty_like(pos)
     for epoch in (pos // n).unique().tolist():
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        perm = epoch_order(n, seed, epoch)
         m = pos // n == epoch
         out[m] = perm[pos[m] % n]
     return out
@@ -411,14 +414,18 @@ def export(ema, spec, config, args, run_dir):
         wrote += f" and {run_dir}/model.safetensors (merged)"
     return wrote
 
-def save_samples(model, ema, args, num_classes, vae, bf16, path):
-    """A grid of 16 EMA samples (the classes in turn), with the run's sampling settings."""
+def ema_images(model, ema, args, labels, vae, bf16):
+    """uint8 images of `labels` drawn with `ema` swapped in and the run's sampler, steps and guidance scale."""
     model.eval()
     with swapped_in(model, ema), torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16, enabled=bf16):
-        x = generate(model, make_diffusion(args.sampler, str(args.sample_steps)), [i % num_classes for i in range(16)], args.cfg_scale,
-                     sampler=args.sampler)
-        save_grid(to_images(x, vae), path)
+        x = generate(model, make_diffusion(args.sampler, str(args.sample_steps)), labels, args.cfg_scale, sampler=args.sampler)
+        images = to_images(x, vae)
     model.train()
+    return images
+
+def save_samples(model, ema, args, num_classes, vae, bf16, path):
+    """A grid of 16 EMA samples (the classes in turn), with the run's sampling settings."""
+    save_grid(ema_images(model, ema, args, [i % num_classes for i in range(16)], vae, bf16), path)
 
 # -----------------------------------------------------------------------------
 # Diff-Tuning (Zhong et al. 2024, arXiv:2406.00773), which composes with any method: part of each batch comes from
@@ -479,12 +486,8 @@ def toy_measure(images, labels, domain):
 def toy_eval(model, params, args, bf16, what, run_dir, step, log0):
     """Sample eval_per_class images of every class from the model with `params` (the EMA) swapped in, measure them,
     log the result and write run_dir/toy_<what>.json and .npz (what: base, ema), or a row of toy_curve.csv (curve)."""
-    model.eval()
     labels = list(range(model.num_classes)) * args.eval_per_class
-    with swapped_in(model, params), torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16, enabled=bf16):
-        x = generate(model, make_diffusion(args.sampler, str(args.sample_steps)), labels, args.cfg_scale, sampler=args.sampler)
-    model.train()
-    images = to_images(x)
+    images = ema_images(model, params, args, labels, None, bf16)
     m = toy_measure(images, torch.tensor(labels), args.data)
     log0(f"toy measure, {what} at step {step}: Fréchet distance {m['frechet_distance']:.2f} (floor {m['floor']:.2f}, {m['n']} images) | "
          f"accuracy {m['accuracy']:.0%} (among the judge's {toy.JUDGE_CLASSES} classes; real test images {m['real_accuracy']:.0%}) | judge: toy.py")
