@@ -246,16 +246,21 @@ def encode_cache(name, root, split, image_size, vae, vae_name, batch_size=32, ra
     ds = open_dataset(name, root, split, image_size)
     base, fp = cache_base(name, root, split, image_size, vae_name), cache_settings(name, split, image_size, vae_name)
     def stamp(p):  # an image replaced or repaired in place is another image (a broken link: unreadable, and skipped)
-        return f"{os.stat(p).st_size}\t{os.stat(p).st_mtime_ns}" if os.path.exists(p) else "missing"
+        try:
+            return f"{(st := os.stat(p)).st_size}\t{st.st_mtime_ns}"  # one stat per image: ImageNet has 1.28M
+        except OSError:
+            return "missing"
     listing = "\n".join(f"{os.path.relpath(p, ds.root)}\t{y}\t{stamp(p)}" for p, y in ds.samples)  # the images it is made of, as they are now
     fp["listing"] = hashlib.sha1(listing.encode()).hexdigest()
+    fp["precision"] = "bf16" if bf16 else "fp32"  # the VAE's bf16 rounding stays in the latents: an fp32 run re-encodes them
     if os.path.exists(base + ".json"):
         with open(base + ".json") as f:
             old = json.load(f)
-        if {k: old.get(k) for k in fp} == fp:
+        changed = [k for k in fp if old.get(k) != fp[k] and not (k == "precision" and old.get(k) == "fp32")]  # fp32 serves bf16 too
+        if not changed:
             return base + ".npy"  # done already
         if rank == 0:
-            print(f"{base}.npy is stale (made from other images or settings): encoding again", flush=True)
+            print(f"{base}.npy is stale (its {', '.join(changed)} differ): encoding again", flush=True)
     parts = f"{base}.parts-{hashlib.sha1(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:10]}"  # new settings, fresh start
     os.makedirs(parts, exist_ok=True)
     chunks = [(a, min(a + chunk_size, len(ds))) for a in range(0, len(ds), chunk_size)]

@@ -254,6 +254,11 @@ def test_fingerprint_refuses_other_settings_and_tracks_the_images(tmp_path, monk
     save_image(os.path.join(folder, "cat", "truncated.jpg"), 30, 30, 8)  # an unreadable image repaired in place: encoded again
     prepare.encode_cache(folder, root, "train", 16, vae, "a", batch_size=4)
     assert vae.calls > calls and prepare.open_cache(folder, root, "train", 16, "a")["meta"]["skipped"] == ["dog/garbage.jpg"]
+    root = str(tmp_path / "data2")  # latents encoded in bf16 serve bf16 runs, not fp32 ones; fp32 latents serve both
+    for bf16, encodes, made in [(True, True, "bf16"), (True, False, "bf16"), (False, True, "fp32"), (True, False, "fp32")]:
+        calls = vae.calls
+        prepare.encode_cache(folder, root, "train", 16, vae, "a", batch_size=4, bf16=bf16)
+        assert (vae.calls > calls) == encodes and prepare.open_cache(folder, root, "train", 16, "a")["meta"]["precision"] == made
 
 
 def test_a_folder_linked_back_up_is_read_once(tmp_path):
