@@ -261,6 +261,9 @@ def create_model(args, info, ckpt):
         raise ValueError(f"--ckpt {args.ckpt}: a DiT of {model.in_channels}-channel inputs, but --data {args.data} is " +
                          ("pixels (3 channels): use a toy base" if info.get("toy") else "VAE latents (4 channels): use a latent DiT, "
                           "such as DiT-XL-2-256x256.pt"))
+    if info.get("base_labels") and model.num_classes != info["classes"]:  # the data's labels index the base's own table
+        raise ValueError(f"--ckpt {args.ckpt}: a DiT of {model.num_classes} classes, but --data {args.data} keeps the base's label table "
+                         f"and has {info['classes']}: use a base pretrained on its classes")
     gamma_blocks = parse_blocks(args.gamma_blocks)
     if gamma_blocks and gamma_blocks[-1] >= model.depth:
         raise ValueError(f"--gamma-blocks {args.gamma_blocks}: this DiT has blocks 0-{model.depth - 1}")
@@ -583,6 +586,10 @@ def main(args, given=None):
         model.train()  # enables label dropout, so the unconditional branch keeps training (CFG)
         running, t0, since = torch.zeros((), device=device), time.time(), step
         bar = tqdm(total=args.max_steps, initial=step, unit="step", disable=rank != 0 or not sys.stderr.isatty())  # terminals only
+        curve = os.path.join(run_dir, "toy_curve.csv")
+        if measure and args.eval_every and 0 < step < args.max_steps and step % args.eval_every == 0 and \
+                not any(line.startswith(f"{step},") for line in (open(curve) if os.path.exists(curve) else [])):
+            toy_eval(model, ema, args, bf16, "curve", run_dir, step, log0)  # a finished run extended: its last step joins the curve
         while step < args.max_steps:
             for micro in range(args.grad_accum):
                 x, y = next(data)

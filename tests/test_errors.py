@@ -214,6 +214,7 @@ CASES = [
     ("sample.py --ckpt {base} --base {base}", "drop --base"),
     ("train.py --ckpt {base} --data {imgs} --results-dir results --precision fp32", "is VAE latents (4 channels): use a latent DiT"),
     ("train.py --data toy-source --ckpt scratch --results-dir results", "--ckpt scratch: a random init has no weights worth keeping frozen"),
+    ("train.py --data toy-source --ckpt {base} --results-dir results --precision fp32", "a DiT of 8 classes, but --data toy-source keeps"),
     (T + " --data food101 --data-dir {no_images}", "food101 is not in "),  # before the VAE (which may not download here)
     (T + " --data flowers102 --data-dir {no_images}", "`python prepare.py --data flowers102 --download` fetches it"),
     ("sample.py --ckpt {judge} --steps 2", "toy_judge.pt: not a DiT checkpoint (its config has width, which no DiT has)"),

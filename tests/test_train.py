@@ -123,7 +123,8 @@ def test_sample_grids_along_the_run_do_not_count_as_training_time(tmp_path, base
     assert rate > 0.1  # 4 steps over a few fake seconds, not over 4000 s of grids
 
 def test_a_resumed_run_keeps_the_curve_measured_at_its_checkpoint(tmp_path, base, monkeypatch):
-    """The curve at a checkpoint's step is measured before the checkpoint, so the log that a resume cuts back keeps it."""
+    """The curve at a checkpoint's step is measured before the checkpoint, so the log that a resume cuts back keeps it;
+    a finished run extended with a larger --max-steps measures its old last step, where the final measure stood."""
     def killed(*a, **k):
         raise KeyboardInterrupt  # after the checkpoint at step 2, at step 3's grid
     monkeypatch.setattr(train, "save_samples", killed)
@@ -133,6 +134,9 @@ def test_a_resumed_run_keeps_the_curve_measured_at_its_checkpoint(tmp_path, base
     run_dir = train.main(train.parser.parse_args(["--resume", "latest", "--results-dir", str(tmp_path / "results")]))
     log = open(os.path.join(run_dir, "log.txt")).read()
     assert "toy measure, curve at step 2" in log and [l.split(",")[0] for l in open(os.path.join(run_dir, "toy_curve.csv"))] == ["step", "2"]
+    train.main(train.parser.parse_args(["--resume", run_dir, "--max-steps", "6"]))  # the finished run extended: step 4 joins the curve
+    log = open(os.path.join(run_dir, "log.txt")).read()
+    assert "toy measure, curve at step 4" in log and [l.split(",")[0] for l in open(os.path.join(run_dir, "toy_curve.csv"))] == ["step", "2", "4"]
 
 def test_a_grid_is_drawn_batch_size_samples_at_a_time(tmp_path, base, monkeypatch):
     import numpy as np
