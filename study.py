@@ -9,8 +9,9 @@ DiffFit: Xie et al. 2023, arXiv:2304.06648. Diff-Tuning: Zhong et al. 2024, arXi
     python study.py --steps 2 --seeds 1 --eval-per-class 1 --sample-steps 2 --out /tmp/study   # a smoke test
 
 Every cell is a train.py run, in this process, in <out>/runs/<cell>/seed<k>/. A finished run is never redone and an
-interrupted one resumes from its checkpoint, so a stopped study continues where it stopped; the tables and plots are
-rewritten from the runs' own files every time. matplotlib draws the plots; without it they are skipped.
+interrupted one resumes from its checkpoint, so a stopped study continues where it stopped (with the settings it began
+with, kept in <out>/settings.json); the tables and plots are rewritten from the runs' own files every time. matplotlib
+draws the plots; without it they are skipped.
 """
 import argparse
 import glob
@@ -28,7 +29,7 @@ import models
 import sample
 import toy
 import train
-from files import check_flags, unwritable
+from files import atomic_write, check_flags, unwritable
 
 parser = argparse.ArgumentParser(description="The paper's tables and figures at toy scale, with seeds (CPU).")
 parser.add_argument("--only", default=None,
@@ -328,7 +329,15 @@ def main(args):
         ("--bank-samples", args.bank_samples >= 1, "use at least 1 sample"),
         ("--out", out is None, f"{out}: pass an --out you can write to"),
     ])
+    # Its numbers compare only across runs made alike: an --out keeps the settings it was started with.
+    settings = dict(steps=args.steps, eval_per_class=args.eval_per_class, sample_steps=args.sample_steps, bank_samples=args.bank_samples,
+                    precision="bf16" if models.bf16_chosen(args.precision, torch.device("cpu")) else "fp32")
+    path = os.path.join(args.out, "settings.json")
+    if os.path.exists(path) and (old := json.load(open(path))) != settings:
+        made = ", ".join(f"--{k.replace('_', '-')} {old.get(k)}" for k in settings if old.get(k) != settings[k])
+        raise ValueError(f"--out {args.out}: its runs were made with {made}: pass the same, or another --out")
     os.makedirs(args.out, exist_ok=True)
+    atomic_write(path, lambda f: f.write(json.dumps(settings).encode()))
 
     # Diff-Tuning's knowledge bank: samples of the base (its 40 source classes), once for every run that uses it.
     bank = os.path.join(args.out, f"bank-{args.bank_samples}.npy")

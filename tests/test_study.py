@@ -4,6 +4,7 @@ study.py: the table code on made-up results, and a smoke run (2 steps, one seed)
     python -m pytest tests/test_study.py
 """
 import argparse
+import json
 import os
 
 import pytest
@@ -80,6 +81,13 @@ def test_smoke_study_writes_every_table_and_plot_and_is_not_redone(tmp_path, cap
     capsys.readouterr()
     study.main(study.parser.parse_args(argv + ["--only", "posembed"]))  # every run is done: nothing is trained again
     assert "=== " not in capsys.readouterr().out
+
+def test_a_study_folder_is_continued_only_with_its_own_settings(tmp_path):
+    made = dict(steps=200, eval_per_class=16, sample_steps=10, bank_samples=1024, precision="bf16")
+    (tmp_path / "settings.json").write_text(json.dumps(made))  # a study begun with the defaults on a CPU with bf16
+    with pytest.raises(ValueError, match="made with --steps 200, --precision bf16: pass the same"):
+        study.main(study.parser.parse_args(["--steps", "2", "--precision", "fp32", "--only", "table1", "--out", str(tmp_path)]))
+    assert os.listdir(tmp_path) == ["settings.json"] and json.loads((tmp_path / "settings.json").read_text()) == made
 
 def test_a_run_train_py_stops_is_recorded_as_failed(tmp_path):
     args = study.parser.parse_args(["--steps", "2", "--seeds", "1", "--eval-per-class", "1", "--sample-steps", "2", "--out", str(tmp_path)])
