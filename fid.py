@@ -34,21 +34,23 @@ parser = argparse.ArgumentParser(description="FID between any two of: image fold
 parser.add_argument("inputs", nargs="+",
                     help="one or two of: an image folder (recursive), a samples .npz (arr_0: uint8 N,H,W,3), a statistics .npz, a dataset name")
 parser.add_argument("--ref", default=None, help="the reference to score against (same kinds as the inputs), e.g. food101")
-parser.add_argument("--split", default="train", help="split of a named dataset")
-parser.add_argument("--image-size", type=int, default=256, help="resolution a named dataset is centre-cropped to (the toy's are their own)")
-parser.add_argument("--data-dir", default="data", help="where named datasets live (as for train.py)")
+parser.add_argument("--split", default="train", help="split of a named dataset (default: %(default)s)")
+parser.add_argument("--image-size", type=int, default=256,
+                    help="resolution a named dataset is centre-cropped to (the toy's are their own) (default: %(default)s)")
+parser.add_argument("--data-dir", default="data", help="where named datasets live (as for train.py) (default: %(default)s)")
 parser.add_argument("--save-stats", default=None, metavar="OUT.npz", help="write the statistics of the one input to OUT.npz instead of scoring")
 # features
 parser.add_argument("--mode", default="clean", choices=["clean", "legacy_pytorch", "toy"],
                     help="clean: clean-fid's antialiased resize; legacy_pytorch: exactly pytorch-fid; "
-                         "toy: the toy judge's features (toy.py), not comparable with published FIDs")
+                         "toy: the toy judge's features (toy.py), not comparable with published FIDs. ADM's reference batches "
+                         "(legacy_tensorflow: TF's resize) need ADM's evaluator (default: %(default)s)")
 parser.add_argument("--weights", default=None, help="path of pt_inception-2015-12-05-6726825d.pth (default: $FID_INCEPTION_WEIGHTS, then the torch.hub cache)")
 parser.add_argument("--download", action="store_true", help="download the Inception weights if they are not found")
 parser.add_argument("--allow-mode-mismatch", action="store_true", help="compare statistics made in different modes anyway")
 # compute
-parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device of the Inception network")
-parser.add_argument("--batch-size", type=int, default=50, help="images per forward pass")
-parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader processes (decode + resize)")
+parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device of the Inception network (default: %(default)s)")
+parser.add_argument("--batch-size", type=int, default=50, help="images per forward pass (default: %(default)s)")
+parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader processes (decode + resize) (default: %(default)s)")
 
 def die(msg):
     """Bad input: one `error:` line and exit code 2, as in every script here."""
@@ -296,11 +298,12 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """|mu1 - mu2|^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^1/2) in float64, with TTUR's safeguards and an eigh cross-check."""
     mu1, mu2, s1, s2 = (np.asarray(a, dtype=np.float64) for a in (mu1, mu2, sigma1, sigma2))
     assert mu1.shape == mu2.shape and s1.shape == s2.shape == (len(mu1), len(mu1)), "statistics of different feature sizes"
+    r1, r2 = s1, s2  # what the square root is taken of
     covmean = scipy.linalg.sqrtm(s1 @ s2)  # no disp=False (deprecated since scipy 1.16): one array returned
-    if not np.isfinite(covmean).all():  # singular product: regularise both covariances, as TTUR does
-        warnings.warn(f"sqrtm(S1 S2) is not finite; adding {eps} * I to both covariances")
-        s1, s2 = s1 + eps * np.eye(len(mu1)), s2 + eps * np.eye(len(mu1))
-        covmean = scipy.linalg.sqrtm(s1 @ s2)
+    if not np.isfinite(covmean).all():  # singular product: regularise both, inside the root only (TTUR, pytorch-fid)
+        warnings.warn(f"sqrtm(S1 S2) is not finite; adding {eps} * I to both covariances inside it")
+        r1, r2 = s1 + eps * np.eye(len(mu1)), s2 + eps * np.eye(len(mu1))
+        covmean = scipy.linalg.sqrtm(r1 @ r2)
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             raise ValueError(f"imaginary component {np.abs(np.diagonal(covmean).imag).max():.3g} in sqrtm(S1 S2): too few samples?")
@@ -308,9 +311,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     diff = mu1 - mu2
     fid = float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
     # cross-check: Tr (S1 S2)^1/2 = sum sqrt(eig(S1^1/2 S2 S1^1/2)), symmetric, so eigh works (guards against sqrtm regressions)
-    lam, v = np.linalg.eigh(s1)
+    lam, v = np.linalg.eigh(r1)
     r = (v * np.sqrt(lam.clip(0))) @ v.T
-    tr = np.sqrt(np.linalg.eigvalsh(r @ s2 @ r).clip(0)).sum()
+    tr = np.sqrt(np.linalg.eigvalsh(r @ r2 @ r).clip(0)).sum()
     if abs(fid - float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr)) > 1e-4 * max(abs(fid), 1):
         warnings.warn(f"sqrtm and eigh disagree on Tr((S1 S2)^1/2): {np.trace(covmean):.6g} vs {tr:.6g}; check your scipy (>= 1.13)")
     return fid
@@ -326,7 +329,7 @@ def compare(stats1, stats2, allow_mode_mismatch=False):
     for m in (m1, m2):
         if m.get("num_images", np.inf) <= len(mu1):
             warnings.warn(f"{m['num_images']} samples <= {len(mu1)} feature dims: the covariance is singular and the FID unreliable "
-                          "(use >= 10k; 50k is standard)")
+                          f"(use well over {len(mu1)}" + ("; 50k is standard)" if len(mu1) == 2048 else ")"))
     return frechet_distance(mu1, s1, mu2, s2)
 
 # -----------------------------------------------------------------------------
@@ -436,6 +439,7 @@ def main(args):
                   f"read among the judge's {toy.JUDGE_CLASSES} classes)")
 
 if __name__ == "__main__":
+    warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"  # one line, without the source line under it
     try:
         main(parser.parse_args())
     except (ValueError, OSError) as e:  # bad input, or a file that cannot be written: one line, exit code 2

@@ -11,6 +11,8 @@ import http.server
 import os
 import re
 import socket
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -22,6 +24,7 @@ from PIL import Image
 import fid
 import files
 import toy
+from conftest import ROOT
 
 # -----------------------------------------------------------------------------
 # fixtures: random Inception weights in the published layout, our net and pytorch-fid's
@@ -153,6 +156,24 @@ def test_few_samples_warn_and_stay_finite():
     with pytest.warns(UserWarning, match="40 samples <= 64 feature dims"):
         d = fid.compare((mu1, s1, dict(mode="clean", num_images=40)), (mu2, s2, dict(mode="clean", num_images=1000)))
     assert np.isfinite(d) and d > 0
+
+def test_a_singular_product_is_regularised_inside_the_root_only(monkeypatch):
+    (mu1, s1), (mu2, s2) = random_stats(40, 64, 0), random_stats(30, 64, 1)
+    sqrtm, calls = fid.scipy.linalg.sqrtm, []
+    monkeypatch.setattr(fid.scipy.linalg, "sqrtm", lambda a: calls.append(1) or (np.full_like(a, np.nan) if len(calls) == 1 else sqrtm(a)))
+    with pytest.warns(UserWarning, match="not finite"):
+        d = fid.frechet_distance(mu1, s1, mu2, s2, eps=1e-3)
+    eye = 1e-3 * np.eye(64)  # as pytorch-fid: the offset goes into sqrtm's argument, the traces stay the data's
+    ref = (mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(sqrtm((s1 + eye) @ (s2 + eye)).real)
+    assert len(calls) == 2 and d == pytest.approx(ref, rel=1e-9)
+
+def test_the_command_line_warns_in_one_line(tmp_path):
+    for name, mu in [("a.npz", np.zeros(128)), ("b.npz", np.ones(128))]:
+        fid.save_stats(str(tmp_path / name), mu, np.eye(128), mode="toy", num_images=100)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "fid.py"), str(tmp_path / "a.npz"), str(tmp_path / "b.npz")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "FID 128.0000" in r.stdout
+    assert r.stderr == "warning: 100 samples <= 128 feature dims: the covariance is singular and the FID unreliable (use well over 128)\n"
 
 def test_mode_mismatch_is_refused(tmp_path):
     (mu1, s1), (mu2, s2) = random_stats(200, 8, 0), random_stats(200, 8, 1)
