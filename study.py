@@ -6,11 +6,11 @@ DiffFit: Xie et al. 2023, arXiv:2304.06648. Diff-Tuning: Zhong et al. 2024, arXi
 
     python study.py                                   # all of it, 3 seeds: 2 h 1 min on 2 CPU cores with AVX512-BF16 -> results/study/
     python study.py --only table4d,fig6               # some of it (runs other experiments share are reused)
-    python study.py --steps 2 --seeds 1 --eval-per-class 1 --sample-steps 2 --out /tmp/study   # a smoke test
+    python study.py --max-steps 2 --seeds 1 --eval-per-class 1 --sample-steps 2 --results-dir /tmp/study   # a smoke test
 
-Every cell is a train.py run, in this process, in <out>/runs/<cell>/seed<k>/. A finished run is never redone and an
+Every cell is a train.py run, in this process, in <results-dir>/runs/<cell>/seed<k>/. A finished run is never redone and an
 interrupted one resumes from its checkpoint, so a stopped study continues where it stopped (with the settings it began
-with, kept in <out>/settings.json); the tables and plots are rewritten from the runs' own files every time. matplotlib
+with, kept in <results-dir>/settings.json); the tables and plots are rewritten from the runs' own files every time. matplotlib
 draws the plots; without it they are skipped.
 """
 import argparse
@@ -34,14 +34,15 @@ from files import atomic_write, check_flags, unwritable
 parser = argparse.ArgumentParser(description="The paper's tables and figures at toy scale, with seeds (CPU).")
 parser.add_argument("--only", default=None,
                     help="comma-separated experiments to run and write (default: all of table1, table4b, table4d, fig6, posembed, samplers, difftuning)")
-parser.add_argument("--seeds", type=int, default=3, help="seeds per cell (0, 1, ...)")
-parser.add_argument("--steps", type=int, default=200, help="optimizer steps of every run (batch 32); the curves measure 4 times along the way")
-parser.add_argument("--eval-per-class", type=int, default=16, help="samples per class of each toy measure")
-parser.add_argument("--sample-steps", type=int, default=10, help="SDE-DPM-Solver++ network calls per sample of each toy measure")
-parser.add_argument("--bank-samples", type=int, default=1024, help="Diff-Tuning: samples of the base in the knowledge bank")
+parser.add_argument("--seeds", type=int, default=3, help="seeds per cell (0, 1, ...) (default: %(default)s)")
+parser.add_argument("--max-steps", type=int, default=200,
+                    help="optimizer steps of every run (batch 32); the curves measure 4 times along the way (default: %(default)s)")
+parser.add_argument("--eval-per-class", type=int, default=16, help="samples per class of each toy measure (default: %(default)s)")
+parser.add_argument("--sample-steps", type=int, default=10, help="SDE-DPM-Solver++ network calls per sample of each toy measure (default: %(default)s)")
+parser.add_argument("--num-bank-samples", type=int, default=1024, help="Diff-Tuning: samples of the base in the knowledge bank (default: %(default)s)")
 parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                     help="training and sampling: bf16 autocast where the hardware has it (auto); the judge is fp32")
-parser.add_argument("--out", default="results/study", help="where the runs, tables and plots go")
+parser.add_argument("--results-dir", default="results/study", help="where the runs, tables and plots go (default: %(default)s)")
 
 # -----------------------------------------------------------------------------
 # the experiments: cells of (label, data, train.py flags). Cells with the same data and flags are the same runs, so
@@ -89,18 +90,18 @@ def cell_name(data, flags):
 
 def run_cell(args, data, flags, seed, bank):
     """Train one seed of one cell (or finish it); returns its run folder."""
-    seed_dir = os.path.join(args.out, "runs", cell_name(data, flags), f"seed{seed}")
+    seed_dir = os.path.join(args.results_dir, "runs", cell_name(data, flags), f"seed{seed}")
     if os.path.exists(os.path.join(seed_dir, "failed")):  # stopped by train.py before: the same run would stop again
         return None
     runs = [d for _, d in train.runs(seed_dir)]
     if runs and os.path.exists(os.path.join(runs[-1], "toy_ema.json")):
         return runs[-1]
     curve = any((data, flags) == (d, f) for name in ("fig6", "posembed") for _, d, f in EXPERIMENTS[name])  # measured on the way: toy 3 times, toy-64 once
-    every = max(args.steps // (2 if data == "toy-64" else 4), 1)
-    argv = ["--data", data, "--max-steps", str(args.steps), "--seed", str(seed), "--results-dir", seed_dir,
+    every = max(args.max_steps // (2 if data == "toy-64" else 4), 1)
+    argv = ["--data", data, "--max-steps", str(args.max_steps), "--seed", str(seed), "--results-dir", seed_dir,
             "--eval-per-class", str(args.eval_per_class), "--eval-every", str(every if curve else 0),
             "--sampler", MEASURE_SAMPLER, "--sample-steps", str(args.sample_steps),
-            "--log-every", str(every), "--ckpt-every", str(args.steps), "--precision", args.precision] + [bank if f == "BANK" else f for f in flags]
+            "--log-every", str(every), "--ckpt-every", str(args.max_steps), "--precision", args.precision] + [bank if f == "BANK" else f for f in flags]
     if runs and os.path.exists(os.path.join(runs[-1], "ckpt.pt")):  # interrupted: continue it
         argv = ["--resume", runs[-1]]
     print(f"\n=== {cell_name(data, flags)} seed {seed}: train.py {' '.join(argv)}", flush=True)
@@ -131,8 +132,8 @@ def read_run(run_dir):
                 base_acc=base["accuracy"], curve=curve, params=params, delta_mb=os.path.getsize(delta) / 1e6, s_step=s_step)
 
 def sampler_sweep(args, run_dir):
-    """{(sampler, steps): [judge result of each of NOISE_SEEDS]} for the EMA of run_dir, cached in <out>/samplers.json."""
-    path = os.path.join(args.out, "samplers.json")
+    """{(sampler, steps): [judge result of each of NOISE_SEEDS]} for the EMA of run_dir, cached in <results-dir>/samplers.json."""
+    path = os.path.join(args.results_dir, "samplers.json")
     done = {tuple(json.loads(k)): v for k, v in json.load(open(path)).items()} if os.path.exists(path) else {}
     model = difffit.load(os.path.join(run_dir, "delta.safetensors"))[0].eval()
     bf16 = models.bf16_chosen(args.precision, torch.device("cpu"))
@@ -161,7 +162,7 @@ def collect(args, names):
                 continue
             results[key] = []
             for seed in range(args.seeds):
-                seed_dir = os.path.join(args.out, "runs", cell_name(data, flags), f"seed{seed}")
+                seed_dir = os.path.join(args.results_dir, "runs", cell_name(data, flags), f"seed{seed}")
                 done = sorted(glob.glob(os.path.join(seed_dir, "*", "toy_ema.json")))
                 results[key].append(read_run(os.path.dirname(done[-1])) if done else None)
     return results
@@ -222,7 +223,7 @@ def write_tables(results, names, args):
         base = [fmt(field(get(d, ["--method", "difffit"]), "base_fd")) for d in TARGETS]
         rows.append(["base (no training)", "0", "-", "-"] + [x for b, d in zip(base, TARGETS)
                                                              for x in (b, "", fmt(field(get(d, ["--method", "difffit"]), "base_acc"), pct=True))])
-        out["table1"] = (f"Table 1 at toy scale: judge FD (lower is better) and class accuracy of the EMA after {args.steps} steps, "
+        out["table1"] = (f"Table 1 at toy scale: judge FD (lower is better) and class accuracy of the EMA after {args.max_steps} steps, "
                          f"mean ± sd over {n} seeds; 'vs DiffFit' is the difference of mean FD, '(noise)' where it is within 2 standard errors.\n\n"
                          + table(["method", "trained params", "delta MB", "s/step (toy)"]
                                  + [x for d in TARGETS for x in (f"FD {d}", "vs DiffFit", f"acc % {d}")], rows))
@@ -238,7 +239,7 @@ def write_tables(results, names, args):
             j = VERSUS[name](i)  # the row this one is compared with
             rows.append([label, fmt(field(c, "fd")), "" if j == i else f"{versus(field(c, 'fd'), field(cells[j][1], 'fd'))} vs {cells[j][0]}",
                          fmt(field(c, "acc"), pct=True)])
-        out[name] = (f"{title}: judge FD (lower is better) and class accuracy of the EMA after {args.steps} steps, mean ± sd over {n} seeds; "
+        out[name] = (f"{title}: judge FD (lower is better) and class accuracy of the EMA after {args.max_steps} steps, mean ± sd over {n} seeds; "
                      "ΔFD is the difference of mean FD, '(noise)' where it is within 2 standard errors.\n\n"
                      + table([what, "FD", "ΔFD", "accuracy %"], rows))
     if "samplers" in names:
@@ -247,8 +248,9 @@ def write_tables(results, names, args):
         rows = [[name, steps, fmt([r["fd"] for r in runs]), "" if (name, steps) == ("ddpm", 250) else versus([r["fd"] for r in runs], ref),
                  fmt([r["acc"] for r in runs], pct=True), f"{statistics.mean(r['seconds'] for r in runs):.1f}"] for (name, steps), runs in sweep.items()]
         n_img = sweep[("ddpm", 250)][0]["n"]
-        out["samplers"] = (f"Samplers at toy scale: the judge's FD and accuracy of {n_img} samples (CFG 4) of the DiffFit model (seed 0, {args.steps} steps) "
-                           f"by each sampler and number of network calls per sample, mean ± sd over {len(sweep[('ddpm', 250)])} noise seeds; ΔFD vs DDPM-250, "
+        out["samplers"] = (f"Samplers at toy scale: the judge's FD and accuracy of {n_img} samples (CFG 4) of the DiffFit model "
+                           f"(seed 0, {args.max_steps} steps) by each sampler and number of network calls per sample, "
+                           f"mean ± sd over {len(sweep[('ddpm', 250)])} noise seeds; ΔFD vs DDPM-250, "
                            f"'(noise)' where it is within 2 standard errors. Seconds for the {n_img} samples on this machine.\n\n"
                            + table(["sampler", "network calls", "FD", "ΔFD vs ddpm 250", "accuracy %", "seconds"], rows))
     if "fig6" in names:
@@ -290,10 +292,10 @@ def write_plots(results, names, args):
     get = lambda data, flags: results[(data, tuple(flags))]
     done = []
     if "fig6" in names:
-        done.append(os.path.join(args.out, "fig6.png"))
+        done.append(os.path.join(args.results_dir, "fig6.png"))
         plot_curves(done[-1], "DiffFit and the others on toy", [(label, get(d, f)) for label, d, f in EXPERIMENTS["fig6"]])
     if "posembed" in names:
-        done.append(os.path.join(args.out, "fig5.png"))
+        done.append(os.path.join(args.results_dir, "fig5.png"))
         plot_curves(done[-1], "32 px base -> toy-64", [(label, get(d, f)) for label, d, f in EXPERIMENTS["posembed"]])
     if "samplers" in names:
         import matplotlib.pyplot as plt
@@ -304,7 +306,7 @@ def write_plots(results, names, args):
         ax.set(xlabel="network calls per sample", ylabel="judge FD (lower is better)", xscale="log", title="quality vs network calls (toy, DiffFit)")
         ax.legend()
         fig.tight_layout()
-        done.append(os.path.join(args.out, "samplers.png"))
+        done.append(os.path.join(args.results_dir, "samplers.png"))
         fig.savefig(done[-1])
         plt.close(fig)
     return done
@@ -319,30 +321,30 @@ parser.error = lambda msg: die(f"{msg} (see --help)")
 
 def main(args):
     names = args.only.split(",") if args.only is not None else list(EXPERIMENTS)  # --only "" names nothing: refused, not all
-    out = unwritable(args.out)
+    out = unwritable(args.results_dir)
     check_flags(args, [
         ("--only", all(n in EXPERIMENTS for n in names), f"comma-separated names of {', '.join(EXPERIMENTS)}"),
         ("--seeds", args.seeds >= 1, "use at least 1 seed (3 for the README's tables)"),
-        ("--steps", args.steps >= 1, "train at least 1 step"),
+        ("--max-steps", args.max_steps >= 1, "train at least 1 step"),
         ("--eval-per-class", args.eval_per_class >= 1, "measure at least 1 sample per class"),
         ("--sample-steps", 2 <= args.sample_steps <= 1000, "SDE-DPM-Solver++ takes 2 .. 1000 steps"),
-        ("--bank-samples", args.bank_samples >= 1, "use at least 1 sample"),
-        ("--out", out is None, f"{out}: pass an --out you can write to"),
+        ("--num-bank-samples", args.num_bank_samples >= 1, "use at least 1 sample"),
+        ("--results-dir", out is None, f"{out}: pass a --results-dir you can write to"),
     ])
     # Its numbers compare only across runs made alike: an --out keeps the settings it was started with.
-    settings = dict(steps=args.steps, eval_per_class=args.eval_per_class, sample_steps=args.sample_steps, bank_samples=args.bank_samples,
+    settings = dict(max_steps=args.max_steps, eval_per_class=args.eval_per_class, sample_steps=args.sample_steps, num_bank_samples=args.num_bank_samples,
                     precision="bf16" if models.bf16_chosen(args.precision, torch.device("cpu")) else "fp32")
-    path = os.path.join(args.out, "settings.json")
+    path = os.path.join(args.results_dir, "settings.json")
     if os.path.exists(path) and (old := json.load(open(path))) != settings:
         made = ", ".join(f"--{k.replace('_', '-')} {old.get(k)}" for k in settings if old.get(k) != settings[k])
-        raise ValueError(f"--out {args.out}: its runs were made with {made}: pass the same, or another --out")
-    os.makedirs(args.out, exist_ok=True)
+        raise ValueError(f"--results-dir {args.results_dir}: its runs were made with {made}: pass the same, or another --results-dir")
+    os.makedirs(args.results_dir, exist_ok=True)
     atomic_write(path, lambda f: f.write(json.dumps(settings).encode()))
 
     # Diff-Tuning's knowledge bank: samples of the base (its 40 source classes), once for every run that uses it.
-    bank = os.path.join(args.out, f"bank-{args.bank_samples}.npy")
+    bank = os.path.join(args.results_dir, f"bank-{args.num_bank_samples}.npy")
     if "difftuning" in names and not os.path.exists(bank):
-        sample.main(sample.parser.parse_args(["--ckpt", toy.BASE_PATH, "--num-bank-samples", str(args.bank_samples), "--sampler", "dpm++",
+        sample.main(sample.parser.parse_args(["--ckpt", toy.BASE_PATH, "--num-bank-samples", str(args.num_bank_samples), "--sampler", "dpm++",
                                               "--steps", str(args.sample_steps), "--cfg-scale", "1.5", "--out", bank]))
 
     # The runs, cell by cell and seed by seed (cells shared by experiments run once).
@@ -362,7 +364,7 @@ def main(args):
             raise ValueError("samplers: the DiffFit run on toy failed, there is no model to sample")
         results["samplers"] = sampler_sweep(args, run["dir"])
     for name, md in write_tables(results, names, args).items():
-        with open(os.path.join(args.out, f"{name}.md"), "w") as f:
+        with open(os.path.join(args.results_dir, f"{name}.md"), "w") as f:
             f.write(md)
         print(f"\n{md}")
     for path in write_plots(results, names, args):

@@ -313,9 +313,9 @@ def train_judge(path=JUDGE_PATH, steps=3000, batch_size=128, lr=2e-3, seed=0):
 
 parser = argparse.ArgumentParser(description="The toy world: train its judge, or look at a domain.")
 parser.add_argument("--train-judge", action="store_true", help="train the judge on every domain's train split -> assets/toy_judge.pt")
-parser.add_argument("--steps", type=int, default=3000, help="judge training steps (batch 128)")
+parser.add_argument("--judge-steps", type=int, default=3000, help="judge training steps (batch 128) (default: %(default)s)")
 parser.add_argument("--show", default=None, choices=list(DOMAINS), help="write a grid of this domain's real train images")
-parser.add_argument("--out", default="toy.png", help="where --show writes its grid (a .png)")
+parser.add_argument("--out", default="toy.png", help="where --show writes its grid (a .png) (default: %(default)s)")
 
 def die(msg):
     """Bad input: one `error:` line and exit code 2, as in every script here."""
@@ -330,8 +330,9 @@ def check_args(args):
     out = unwritable(os.path.dirname(os.path.abspath(args.out))) if args.show else None
     check_flags(args, [
         ("--train-judge", assets is None, f"cannot write {JUDGE_PATH} ({assets}): make assets/ writable"),
-        ("--steps", args.train_judge or args.steps == parser.get_default("steps"), "only --train-judge uses it: add --train-judge or drop the flag"),
-        ("--steps", args.steps >= 1, "train the judge for at least 1 step (default 3000)"),
+        ("--judge-steps", args.train_judge or args.judge_steps == parser.get_default("judge_steps"),
+         "only --train-judge uses it: add --train-judge or drop the flag"),
+        ("--judge-steps", args.judge_steps >= 1, "train the judge for at least 1 step (default 3000)"),
         ("--out", args.show or args.out == parser.get_default("out"), "only --show uses it: add --show DOMAIN or drop the flag"),
         ("--out", not args.show or args.out.endswith(".png"), "the grid is a PNG: end the name in .png"),
         ("--out", not args.show or not os.path.isdir(args.out), "a folder, not a file name: pass a path like folder/toy.png"),
@@ -344,12 +345,14 @@ def main(args):
     """Every flag first; then train the judge and/or draw the grid."""
     check_args(args)
     if args.train_judge:
-        train_judge(steps=args.steps)
+        train_judge(steps=args.judge_steps)
     if args.show:
         info = DOMAINS[args.show]
         images, _ = load(args.show, "train")
         k, s = info["classes"], info["size"]
         rows = images[:8 * k].reshape(8, k, s, s, 3).permute(1, 2, 0, 3, 4).reshape(k * s, 8 * s, 3)  # a row per class
+        scale = max(1, 128 // s)  # each pixel a block, as sample.py's grids: 32 px -> 4x
+        rows = rows.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         atomic_write(args.out, lambda f: Image.fromarray(rows.numpy()).save(f, format="PNG"))
         print(f"wrote {args.out}: {k} classes (rows) x 8 train images")

@@ -25,7 +25,7 @@ def fake_results(fds):
                            for name, steps in study.SAMPLERS}
     return results
 
-ARGS = argparse.Namespace(seeds=3, steps=10)
+ARGS = argparse.Namespace(seeds=3, max_steps=10)
 
 def test_stats_are_mean_and_sample_sd_of_the_seeds_that_finished():
     assert study.stats([1.0, 2.0, 3.0]) == (2.0, 1.0, 3)
@@ -66,14 +66,14 @@ def test_cells_shared_by_experiments_are_one_run():
 
 def test_bad_experiment_name_is_one_clear_error(tmp_path):
     with pytest.raises(ValueError, match="--only table9: comma-separated names of table1, "):
-        study.main(study.parser.parse_args(["--only", "table9", "--out", str(tmp_path)]))
+        study.main(study.parser.parse_args(["--only", "table9", "--results-dir", str(tmp_path)]))
     assert not os.listdir(tmp_path)
 
 def test_smoke_study_writes_every_table_and_plot_and_is_not_redone(tmp_path, capsys, monkeypatch):
     pytest.importorskip("matplotlib")
     monkeypatch.setattr(study, "SAMPLERS", [("ddpm", 250), ("sde-dpm++", 10)])  # the reference row and one other: the sweep's own
     monkeypatch.setattr(study, "NOISE_SEEDS", (0, 1))                          # length is sampling time, not code
-    argv = ["--steps", "2", "--seeds", "1", "--eval-per-class", "1", "--sample-steps", "2", "--bank-samples", "4", "--out", str(tmp_path)]
+    argv = ["--max-steps", "2", "--seeds", "1", "--eval-per-class", "1", "--sample-steps", "2", "--num-bank-samples", "4", "--results-dir", str(tmp_path)]
     study.main(study.parser.parse_args(argv))
     for name in list(study.EXPERIMENTS) + ["fig6.png", "fig5.png", "samplers.png"]:
         assert os.path.getsize(tmp_path / (name if name.endswith(".png") else f"{name}.md")) > 0, name
@@ -83,14 +83,14 @@ def test_smoke_study_writes_every_table_and_plot_and_is_not_redone(tmp_path, cap
     assert "=== " not in capsys.readouterr().out
 
 def test_a_study_folder_is_continued_only_with_its_own_settings(tmp_path):
-    made = dict(steps=200, eval_per_class=16, sample_steps=10, bank_samples=1024, precision="bf16")
+    made = dict(max_steps=200, eval_per_class=16, sample_steps=10, num_bank_samples=1024, precision="bf16")
     (tmp_path / "settings.json").write_text(json.dumps(made))  # a study begun with the defaults on a CPU with bf16
-    with pytest.raises(ValueError, match="made with --steps 200, --precision bf16: pass the same"):
-        study.main(study.parser.parse_args(["--steps", "2", "--precision", "fp32", "--only", "table1", "--out", str(tmp_path)]))
+    with pytest.raises(ValueError, match="made with --max-steps 200, --precision bf16: pass the same"):
+        study.main(study.parser.parse_args(["--max-steps", "2", "--precision", "fp32", "--only", "table1", "--results-dir", str(tmp_path)]))
     assert os.listdir(tmp_path) == ["settings.json"] and json.loads((tmp_path / "settings.json").read_text()) == made
 
 def test_a_run_train_py_stops_is_recorded_as_failed(tmp_path):
-    args = study.parser.parse_args(["--steps", "2", "--seeds", "1", "--eval-per-class", "1", "--sample-steps", "2", "--out", str(tmp_path)])
+    args = study.parser.parse_args(["--max-steps", "2", "--seeds", "1", "--eval-per-class", "1", "--sample-steps", "2", "--results-dir", str(tmp_path)])
     assert study.run_cell(args, "toy", ["--method", "bitfit", "--lr", "1e30"], 0, None) is None  # the loss goes to NaN
     assert os.path.exists(tmp_path / "runs" / "toy-method-bitfit-lr-1e30" / "seed0" / "failed")
     assert study.run_cell(args, "toy", ["--method", "bitfit", "--lr", "1e30"], 0, None) is None  # and is not retried
@@ -99,7 +99,7 @@ def test_every_run_names_the_measure_s_sampler_itself(tmp_path, monkeypatch):
     argvs = []
     monkeypatch.setattr(study.train.parser, "parse_args", lambda argv: argvs.append(argv))
     monkeypatch.setattr(study.train, "main", lambda args: None)
-    args = study.parser.parse_args(["--sample-steps", "7", "--out", str(tmp_path)])
+    args = study.parser.parse_args(["--sample-steps", "7", "--results-dir", str(tmp_path)])
     study.run_cell(args, "toy", ["--method", "bitfit"], 0, None)
     argv = argvs[0]  # not train.py's default, which may change: the study's FDs must compare across its runs
     assert argv[argv.index("--sampler") + 1] == study.MEASURE_SAMPLER and argv[argv.index("--sample-steps") + 1] == "7"

@@ -159,14 +159,14 @@ def run_toy(*argv):
 
 
 BAD_FLAGS = [  # argv ({tmp}: a folder holding a file `afile` and a folder `d.png`), what the one error line must say
-    ("--train-judge --steps 0", ["--steps 0", "at least 1 step"]),
+    ("--train-judge --judge-steps 0", ["--judge-steps 0", "at least 1 step"]),
     ("--show toy --out {tmp}/afile/x.png", ["--out", "is a file, not a folder"]),  # what /nonexist/x.png is for a user who cannot make /nonexist
     ("--show toy --out {tmp}", ["--out", "end the name in .png"]),
     ("--show toy --out {tmp}/d.png", ["--out", "a folder, not a file name"]),
     ("--show toy --out {tmp}/x.txt", ["--out", "end the name in .png"]),
     ("--show nope", ["--show", "invalid choice: 'nope'"]),
     ("", ["nothing to do", "--train-judge", "--show"]),
-    ("--show toy --steps 5 --out {tmp}/x.png", ["--steps 5", "only --train-judge uses it"]),
+    ("--show toy --judge-steps 5 --out {tmp}/x.png", ["--judge-steps 5", "only --train-judge uses it"]),
     ("--out {tmp}/x.png", ["--out", "only --show uses it"]),
 ]
 
@@ -190,5 +190,7 @@ def test_show_writes_a_png_grid_into_a_new_folder(tmp_path):
     r = run_toy("--show", "toy", "--out", str(out))
     assert r.returncode == 0, r.stderr
     info = toy.DOMAINS["toy"]
-    assert Image.open(out).format == "PNG" and Image.open(out).size == (8 * info["size"], info["classes"] * info["size"])
+    s = 4 * info["size"]  # 32 px shown 4x
+    assert Image.open(out).format == "PNG" and Image.open(out).size == (8 * s, info["classes"] * s)
+    assert np.array_equal(np.array(Image.open(out))[:s:4, :s:4], toy.load("toy", "train")[0][0].numpy())  # the first image, each pixel a 4x4 block
     assert os.listdir(tmp_path / "new") == ["x.png"]  # atomic_write left no .tmp behind
