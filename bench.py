@@ -37,23 +37,25 @@ from sample import LOOPS, generate, make_diffusion
 
 parser = argparse.ArgumentParser(description="img/s, TFLOP/s and peak memory of training and sampling, vs a reference-style loop.")
 # what to measure
-parser.add_argument("--what", default="train", choices=["train", "memory", "sample"], help="training speed, training peak memory, or sampling speed")
-parser.add_argument("--model", default="DiT-S/2", choices=list(DiT_models), help="DiT config (random weights)")
-parser.add_argument("--image-size", type=int, default=256, help="image resolution (latents are /8)")
-parser.add_argument("--batch-size", type=int, default=16, help="images per step (sampling: images per call, CFG doubles it)")
-parser.add_argument("--num-classes", type=int, default=101, help="classes of the new dataset (Food-101: 101)")
-parser.add_argument("--methods", default="full,bitfit,difffit", help="comma-separated fine-tuning methods to run")
+parser.add_argument("--what", default="train", choices=["train", "memory", "sample"],
+                    help="training speed, training peak memory, or sampling speed (default: %(default)s)")
+parser.add_argument("--model", default="DiT-S/2", choices=list(DiT_models), help="DiT config (random weights) (default: %(default)s)")
+parser.add_argument("--image-size", type=int, default=256, help="image resolution (latents are /8) (default: %(default)s)")
+parser.add_argument("--batch-size", type=int, default=16, help="images per step (sampling: images per call, CFG doubles it) (default: %(default)s)")
+parser.add_argument("--num-classes", type=int, default=101, help="classes of the new dataset (Food-101: 101) (default: %(default)s)")
+parser.add_argument("--methods", default="full,bitfit,difffit", help="comma-separated fine-tuning methods to run (default: %(default)s)")
 parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "both"],
                     help="our rows: bf16 autocast where the hardware has it (auto), fp32, bf16, or both side by side")
 parser.add_argument("--vae", action="store_true", help="add rows that encode images with the VAE every step (slow on CPUs)")
 parser.add_argument("--compile", action="store_true", help="add torch.compile rows")
 # timing
-parser.add_argument("--iters", type=int, default=2, help="timed training steps per row and round")
-parser.add_argument("--warmup", type=int, default=1, help="untimed training steps (or 2-step sampling calls) per row first")
-parser.add_argument("--rounds", type=int, default=3, help="round-robin passes over the rows; the median is reported")
-parser.add_argument("--samplers", default="ddpm250", help="--what sample: our rows, comma-separated sampler+steps as sample.py's, e.g. ddpm250,dpm++20")
-parser.add_argument("--ref-steps", default="250", help="--what sample: DDPM steps of the reference-style loop (DiT's sample.py: 250)")
-parser.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale")
+parser.add_argument("--iters", type=int, default=2, help="timed training steps per row and round (default: %(default)s)")
+parser.add_argument("--warmup", type=int, default=1, help="untimed training steps (or 2-step sampling calls) per row first (default: %(default)s)")
+parser.add_argument("--rounds", type=int, default=3, help="round-robin passes over the rows; the median is reported (default: %(default)s)")
+parser.add_argument("--samplers", default="ddpm250",
+                    help="--what sample: our rows, comma-separated sampler+steps as sample.py's, e.g. ddpm250,dpm++20 (default: %(default)s)")
+parser.add_argument("--ref-steps", default="250", help="--what sample: DDPM steps of the reference-style loop (DiT's sample.py: 250) (default: %(default)s)")
+parser.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale (default: %(default)s)")
 parser.add_argument("--profile", default=None, metavar="ROW", help="instead of the table: where one step of this row (e.g. 'difffit') spends its time")
 parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # --what memory: the one row this process runs
 
@@ -274,7 +276,8 @@ def main(args):
     ref_of = lambda row: "ref sample" if args.what == "sample" else f"ref {method_of(row)}"
     full_of = lambda row: None if args.what == "sample" else row.replace(method_of(row), "full")  # same setting, full fine-tuning
     print(f"{args.model} @ {args.image_size}px ({args.image_size // 8}x{args.image_size // 8} latents), batch {args.batch_size}, "
-          f"{device.type} ({torch.get_num_threads()} threads), torch {torch.__version__}, native bf16: {has_bf16}")
+          f"{device.type} ({torch.get_num_threads()} threads), torch {torch.__version__}, " +  # and what --precision auto chose
+          (models.precision_note(args.precision, device) if args.precision != "both" else f"--precision both (native bf16: {has_bf16})"))
     if not has_bf16 and " bf16" in precisions:
         print(f"warning: no native bf16 on this {device.type}: the bf16 rows are emulated, far slower than fp32 (--precision fp32)",
               file=sys.stderr)

@@ -109,7 +109,8 @@ def difffit(model, spec):
     _train_only(model, lambda name: name.endswith(".bias") or "gamma" in name)
 
 def lora(model, spec, rank):
-    """LoRA on every block's fused qkv projection, nothing else (Table 1: ranks 8 and 16, 1.15M and 2.18M)."""
+    """LoRA on every block's fused qkv projection, nothing else (Table 1: ranks 8 and 16, 1.15M and 2.18M). One B·A spans
+    q, k and v; §2.3's LoRA adapts the query and value with a pair each, the same parameter count (README)."""
     for block in model.blocks:
         block.attn.qkv = LoRALinear(block.attn.qkv, rank)
     _train_only(model, lambda name: ".lora_" in name)

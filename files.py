@@ -13,6 +13,7 @@ import os
 import pickle
 import re
 import sys
+import tempfile
 import time
 import urllib.request
 import warnings
@@ -42,6 +43,10 @@ def unwritable(folder):
         return f"{p} is a file, not a folder"
     if not os.access(p, os.W_OK | os.X_OK):
         return f"{p} is read-only for this user"
+    try:  # a real try too: root passes os.access everywhere, and some file systems (/proc, read-only mounts) refuse anyway
+        os.rmdir(tempfile.mkdtemp(dir=p))
+    except OSError as e:
+        return f"{p} does not take new files ({e.strerror or e})"
     return None
 
 def launched_by_torchrun():

@@ -7,7 +7,7 @@ DiffFit: Xie et al. 2023, arXiv:2304.06648. DiT: Peebles & Xie 2022, arXiv:2212.
     torchrun --nproc_per_node=8 prepare.py --data food101 --download   # fetch Food-101, encode its train split on 8 GPUs
     python prepare.py --data cub200                                     # one GPU (CPU works too: ~1 image/s at 256 px)
     python prepare.py --data path/to/folder --image-size 256            # any folder of <class>/<image> (cache in data/<folder>/)
-    python prepare.py --data toy --export toy-images                    # a toy domain's real images as PNG class folders
+    python prepare.py --data toy --export results/toy-images            # a toy domain's real images as PNG class folders
 
 torchvision fetches food101, sun397, caltech101 and flowers102 (--download). The others are image folders
 <data-dir>/<name>/<split>/<class>/<image> that you make once (the cache never reads them again):
@@ -43,17 +43,18 @@ from models import VAE_SCALE, bf16_chosen, load_vae, precision_note
 # -----------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description="Encode a dataset once into a memory-mapped VAE latent cache (python or torchrun).")
 # data
-parser.add_argument("--data", default="food101", help="a name in DATASETS or the path of an image folder <class>/<image>")
-parser.add_argument("--data-dir", default="data", help="datasets live in <data-dir>/<name>/, and so do their caches")
-parser.add_argument("--split", default="train", help="which split to encode")
-parser.add_argument("--image-size", type=int, default=256, choices=[256, 512], help="centre-crop resolution (paper: 256)")
+parser.add_argument("--data", default="food101", help="a name in DATASETS or the path of an image folder <class>/<image> (default: %(default)s)")
+parser.add_argument("--data-dir", default="data", help="datasets live in <data-dir>/<name>/, and so do their caches (default: %(default)s)")
+parser.add_argument("--split", default="train", help="which split to encode (default: %(default)s)")
+parser.add_argument("--image-size", type=int, default=256, help="centre-crop resolution, a multiple of 8 (paper: 256; §4.3: 512) (default: %(default)s)")
 parser.add_argument("--download", action="store_true", help="let torchvision download the dataset if it is missing")
 parser.add_argument("--export", default=None, metavar="DIR", help="a toy domain: write its real images as DIR/{train,test}/<class>/<n>.png instead")
 # model
-parser.add_argument("--vae", default="ema", help="VAE given to models.load_vae (DiT: sd-vae-ft-ema; the encoders of ema and mse are the same)")
+parser.add_argument("--vae", default="ema",
+                    help="VAE given to models.load_vae (DiT: sd-vae-ft-ema; the encoders of ema and mse are the same) (default: %(default)s)")
 # encoding
-parser.add_argument("--batch-size", type=int, default=32, help="images per VAE call per rank (each is encoded twice: as is and flipped)")
-parser.add_argument("--num-workers", type=int, default=4, help="image-decoding worker processes per rank")
+parser.add_argument("--batch-size", type=int, default=32, help="images per VAE call per rank (each is encoded twice: as is and flipped) (default: %(default)s)")
+parser.add_argument("--num-workers", type=int, default=4, help="image-decoding worker processes per rank (default: %(default)s)")
 parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="VAE in bf16 autocast where the hardware has it (auto)")
 
 def die(msg):
@@ -333,6 +334,7 @@ def check_args(args):
         ("--download", not args.download or "tv" in info,
          f"only torchvision's datasets download ({', '.join(k for k, v in DATASETS.items() if 'tv' in v)}): drop --download"),
         ("--vae", args.vae in ("ema", "mse") or os.path.exists(args.vae), "no such file: use ema, mse or the path of an SD VAE file"),
+        ("--image-size", args.image_size >= 8 and args.image_size % 8 == 0, "use a multiple of 8, the VAE's downsampling (paper: 256)"),
         ("--data-dir", out is None, f"{out}: the cache goes there: pass a --data-dir you can write to"),
         ("--batch-size", args.batch_size >= 1, "use at least 1 image per VAE call"),
         ("--num-workers", args.num_workers >= 0, "use 0 (decode in this process) or more"),

@@ -6,8 +6,8 @@ DiffFit: Xie et al. 2023, arXiv:2304.06648. DiT: Peebles & Xie 2022, arXiv:2212.
     python sample.py                                             # the latest run in results/ -> its sample.png
     python sample.py --delta results/000-food101-difffit/delta.safetensors --classes 0,1,2 --cfg-scale 4.0
     python sample.py --ckpt DiT-XL-2-256x256.pt --classes 207,360,387,974   # a published model (downloaded once)
-    torchrun --nproc_per_node=8 sample.py --delta ... --num-fid-samples 50000 --cfg-scale 1.5 --sampler sde-dpm++ --steps 25
-    torchrun --nproc_per_node=8 sample.py --ckpt DiT-XL-2-256x256.pt --num-bank-samples 10000 --cfg-scale 1.5
+    torchrun --nproc_per_node=8 sample.py --delta ... --num-fid-samples 10000 --steps 50        # Table 1's FID: 50 steps, CFG 1.5
+    torchrun --nproc_per_node=8 sample.py --ckpt DiT-XL-2-256x256.pt --num-bank-samples 10000
                                                                  # a Diff-Tuning knowledge bank (train.py --diff-tuning)
 """
 import argparse
@@ -37,26 +37,27 @@ parser = argparse.ArgumentParser(description="Sample a DiT (base + DiffFit delta
 parser.add_argument("--delta", default=None, help="a delta written by train.py (default: the latest run's)")
 parser.add_argument("--base", default=None, help="the base checkpoint of --delta, if it is no longer where the delta says")
 parser.add_argument("--ckpt", default=None, help="a full checkpoint instead: model.safetensors of a run, or a published DiT .pt")
-parser.add_argument("--model", default="DiT-XL/2", choices=list(DiT_models), help="config of a published (raw) checkpoint")
-parser.add_argument("--image-size", type=int, default=256, choices=[256, 512], help="resolution of a published checkpoint")
-parser.add_argument("--vae", default="ema", help="SD VAE decoder for latent models: ema or mse (DiT's FIDs: ema), or a local file")
-parser.add_argument("--results-dir", default="results", help="where to look for the latest run")
+parser.add_argument("--model", default="DiT-XL/2", choices=list(DiT_models), help="config of a published (raw) checkpoint (default: %(default)s)")
+parser.add_argument("--image-size", type=int, default=256, choices=[256, 512], help="resolution of a published checkpoint (default: %(default)s)")
+parser.add_argument("--vae", default="ema", help="SD VAE decoder for latent models: ema or mse (DiT's FIDs: ema), or a local file (default: %(default)s)")
+parser.add_argument("--results-dir", default="results", help="where to look for the latest run (default: %(default)s)")
 # sampling
 parser.add_argument("--classes", default=None, help="comma-separated class ids (default: every class)")
-parser.add_argument("--per-class", type=int, default=1, help="samples per class in the grid")
-parser.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale (paper: 4.0 for pictures, 1.5 for FID)")
+parser.add_argument("--per-class", type=int, default=1, help="samples per class in the grid (default: %(default)s)")
+parser.add_argument("--cfg-scale", type=float, default=None, help="guidance scale (default: the paper's, 4.0 for grids, 1.5 for FID sets and banks)")
 parser.add_argument("--guide-all-channels", action="store_true", help="guide all 4 latent channels (DiT guides the first 3)")
 parser.add_argument("--sampler", default="ddpm", choices=list(LOOPS),
-                    help="ancestral DDPM, deterministic DDIM, DPM-Solver++(2M) (an ODE), or its stochastic SDE variant")
-parser.add_argument("--steps", default="250", help="network calls per sample: a step count (DiT: 250 DDPM steps), or a respacing like '10,15,20'")
-parser.add_argument("--seed", type=int, default=0, help="same seed, same samples")
+                    help="ancestral DDPM, deterministic DDIM, DPM-Solver++(2M) (an ODE), or its stochastic SDE variant (default: %(default)s)")
+parser.add_argument("--steps", default="250",
+                    help="network calls per sample: a step count (DiT: 250 DDPM steps), or a respacing like '10,15,20' (default: %(default)s)")
+parser.add_argument("--seed", type=int, default=0, help="same seed, same samples (default: %(default)s)")
 parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="bf16 autocast where the hardware has it (auto)")
 parser.add_argument("--out", default=None, help="path of the grid PNG (default: sample.png next to the delta), or of the bank .npy")
 # FID sample sets and Diff-Tuning banks
 parser.add_argument("--num-fid-samples", type=int, default=0, help="write this many samples for FID instead of a grid")
 parser.add_argument("--fid-dir", default=None, help="folder of the FID samples (PNGs + a .npz beside it)")
 parser.add_argument("--num-bank-samples", type=int, default=0, help="write this many samples, undecoded, as a knowledge bank for train.py --diff-tuning")
-parser.add_argument("--batch-size", type=int, default=32, help="samples per forward pass and rank")
+parser.add_argument("--batch-size", type=int, default=32, help="samples per forward pass and rank (default: %(default)s)")
 
 def die(msg):
     """Bad input: one `error:` line and exit code 2, as in every script here."""
@@ -68,7 +69,7 @@ parser.error = lambda msg: die(f"{msg} (see --help)")  # argparse's own complain
 # -----------------------------------------------------------------------------
 
 def make_diffusion(sampler, steps):
-    """The respaced chain for a sampler: DDIM with a plain count takes ADM's even stride ("ddimN"), as DiT's DDIM does."""
+    """The respaced chain for a sampler: DDIM with a plain count takes ADM's even stride ("ddimN"), as ADM's image_sample.py does."""
     diffusion = create_diffusion(f"ddim{steps}" if sampler == "ddim" and steps.isdigit() else steps)
     if sampler in ("dpm++", "sde-dpm++"):
         diffusion.check_dpm_solver_steps()
@@ -95,6 +96,8 @@ def output(args, src):
 def check_args(args):
     """Every flag, and where the results go, before anything is loaded or drawn: ValueError('--flag value: why; what to do')."""
     sets = args.num_fid_samples or args.num_bank_samples  # balanced over all classes, not a grid
+    if args.cfg_scale is None:  # §4.1: 4.0 for visualization, 1.5 for evaluation (and the bank, sampled as the base is judged)
+        args.cfg_scale = 1.5 if sets else 4.0
     check_flags(args, [
         ("--delta", args.delta is None or args.ckpt is None, "pass --delta (a fine-tuned delta) or --ckpt (a whole model), not both"),
         ("--delta", args.delta is None or os.path.isfile(args.delta), "no such file: pass the delta.safetensors a run of train.py wrote"),
@@ -124,11 +127,23 @@ def check_args(args):
         make_diffusion(args.sampler, args.steps)
     except ValueError as e:
         raise ValueError(f"--steps {args.steps} (--sampler {args.sampler}): {e}") from None
-    out = output(args, args.ckpt or args.delta or latest_delta(args.results_dir))
+    src = args.ckpt or args.delta or latest_delta(args.results_dir)
+    if args.classes:  # where the class count is known unloaded (a delta's, a published DiT's), before a download
+        known = raw_config(args.model, args.image_size)["num_classes"] if published(src) else None if args.ckpt else \
+            difffit.read_delta(src)["spec"]["num_classes"]
+        check_classes(args.classes, known)
+    out = output(args, src)
     flag = "--fid-dir" if args.num_fid_samples else "--out"
     why = unwritable(out if args.num_fid_samples else os.path.dirname(os.path.abspath(out)))
     if why or (os.path.isdir(out) and not args.num_fid_samples):
         raise ValueError(f"{flag} {out}: {why or 'a folder, not a file name'}; pass a {flag} you can write to")
+
+def check_classes(classes, num_classes):
+    """The class ids of --classes (all of them if None), each in range (unchecked where num_classes is None)."""
+    ids = [int(c) for c in classes.split(",")] if classes else list(range(num_classes))
+    if num_classes is not None and (bad := [c for c in ids if not 0 <= c < num_classes]):
+        raise ValueError(f"--classes {bad} out of range: this model has classes 0..{num_classes - 1}")
+    return ids
 
 @torch.no_grad()
 def generate(model, diffusion, labels, cfg_scale, seed=0, sampler="ddpm", guide_channels=3, progress=False):
@@ -284,11 +299,7 @@ def main(args):
         elif args.num_bank_samples:  # labels are balanced over the base's classes; train.py gives them the null label
             write_bank(model, diffusion, args, out, rank, world)
         elif rank == 0:
-            classes = [int(c) for c in args.classes.split(",")] if args.classes else list(range(model.num_classes))
-            bad = [c for c in classes if not 0 <= c < model.num_classes]
-            if bad:
-                raise ValueError(f"--classes {bad} out of range: this model has classes 0..{model.num_classes - 1}")
-            labels = [c for c in classes for _ in range(args.per_class)]
+            labels = [c for c in check_classes(args.classes, model.num_classes) for _ in range(args.per_class)]
             write_grid(model, diffusion, args, labels, vae, out)
             print(f"wrote {out} ({len(labels)} samples, {args.sampler} {args.steps} steps, cfg {args.cfg_scale}, seed {args.seed})")
     if ddp:

@@ -41,54 +41,59 @@ from models import VAE_SCALE, DiT_models, bf16_chosen, load_model, load_vae, pre
 from prepare import DATASETS
 from sample import LOOPS, generate, make_diffusion, save_grid, to_images
 
-# Defaults that depend on the data: the paper's (§4.2) for real datasets, a few CPU minutes for the toy.
+# Defaults that depend on the data: the paper's (§4.2; the EMA decay is DiT's) for real datasets, a few CPU minutes for the toy.
 PAPER = dict(max_steps=24_000, global_batch_size=256, ema_decay=0.9999, image_size=256)
 TOY = dict(max_steps=800, global_batch_size=32, ema_decay=0.99)  # the image size is the domain's (toy.DOMAINS)
 
 # -----------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description="DiffFit fine-tuning of a pretrained DiT (python or torchrun).")
 # data
-parser.add_argument("--data", default="toy", help=f"dataset ({', '.join(DATASETS)}) or an image folder <class>/<image>")
-parser.add_argument("--data-dir", default="data", help="where datasets and their latent caches live (prepare.py)")
+parser.add_argument("--data", default="toy", help=f"dataset ({', '.join(DATASETS)}) or an image folder <class>/<image> (default: %(default)s)")
+parser.add_argument("--data-dir", default="data", help="where datasets and their latent caches live (prepare.py) (default: %(default)s)")
 parser.add_argument("--image-size", type=int, default=None, help="resolution, a multiple of 8 (default: 256; 512 in §4.3; the toy: 32)")
 parser.add_argument("--no-cache", action="store_true", help="encode images with the VAE every step instead of reading the latent cache")
-parser.add_argument("--vae", default="ema", help="SD VAE: ema or mse (the encoders are the same), or a local file")
-parser.add_argument("--num-workers", type=int, default=4, help="image-decoding processes per rank (--no-cache)")
+parser.add_argument("--vae", default="ema", help="SD VAE: ema or mse (the encoders are the same), or a local file (default: %(default)s)")
+parser.add_argument("--num-workers", type=int, default=4, help="image-decoding processes per rank (--no-cache) (default: %(default)s)")
 # model
-parser.add_argument("--model", default="DiT-XL/2", choices=list(DiT_models), help="DiT config of a raw published checkpoint (ours carry their own)")
+parser.add_argument("--model", default="DiT-XL/2", choices=list(DiT_models),
+                    help="DiT config of a raw published checkpoint (ours carry their own) (default: %(default)s)")
 parser.add_argument("--ckpt", default=None, help="base (default: DiT-XL-2-256x256.pt, downloaded; the toy: assets/toy_base.safetensors; "
                                                   "toy-source: scratch); 'scratch' = random init")
 parser.add_argument("--no-pos-trick", action="store_true", help="from a lower-resolution base: the plain sin-cos table, not the interpolated one (§4.3)")
 # difffit
-parser.add_argument("--method", default="difffit", choices=list(difffit.METHODS), help="which parameters train")
+parser.add_argument("--method", default="difffit", choices=list(difffit.METHODS), help="which parameters train (default: %(default)s)")
 parser.add_argument("--gamma-blocks", default=None, help="blocks that get γ, e.g. '0-13' (default: the first half, Table 4b)")
 parser.add_argument("--no-gamma-qkv", action="store_true", help="no γ on the qkv projections (Table 4c)")
 parser.add_argument("--no-gamma-final", action="store_true", help="no γ on the final layer (Table 4c)")
 # diff-tuning (Zhong et al. 2024, arXiv:2406.00773; composes with any --method)
 parser.add_argument("--diff-tuning", default=None, metavar="BANK", help="Diff-Tuning with this bank of base samples (sample.py --num-bank-samples)")
-parser.add_argument("--bank-fraction", type=float, default=0.2, help="share of each batch taken from the bank (Diff-Tuning: 0.2)")
-parser.add_argument("--bank-weight", type=float, default=0.1, help="weight of the bank's loss term (Diff-Tuning: 0.1)")
-parser.add_argument("--tau", type=float, default=1.0, help="downstream t ∝ (t+1)^τ, bank t ∝ (T-t)^τ (Diff-Tuning: 1; 0 = uniform)")
+parser.add_argument("--bank-fraction", type=float, default=0.2, help="share of each batch taken from the bank (Diff-Tuning: 0.2) (default: %(default)s)")
+parser.add_argument("--bank-weight", type=float, default=0.1, help="weight of the bank's loss term (Diff-Tuning: 0.1) (default: %(default)s)")
+parser.add_argument("--tau", type=float, default=1.0, help="downstream t ∝ (t+1)^τ, bank t ∝ (T-t)^τ (Diff-Tuning: 1; 0 = uniform) (default: %(default)s)")
 # optimization
 parser.add_argument("--max-steps", type=int, default=None, help=f"optimizer steps (default: {PAPER['max_steps']}, the paper's; the toy: {TOY['max_steps']})")
 parser.add_argument("--global-batch-size", type=int, default=None,
                     help=f"images per step over all ranks (default: {PAPER['global_batch_size']}; the toy: {TOY['global_batch_size']})")
-parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default: %(default)s)")
 parser.add_argument("--lr", type=float, default=None, help="default: 1e-4 for full fine-tuning and 10x that, 1e-3, for the others (Table 4d)")
 parser.add_argument("--ema-decay", type=float, default=None, help=f"EMA decay of the trained tensors (default: {PAPER['ema_decay']}; toy: {TOY['ema_decay']})")
 parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="bf16 autocast where the hardware has it (auto)")
 parser.add_argument("--compile", action="store_true", help="torch.compile the model")
-parser.add_argument("--seed", type=int, default=0, help="global seed")
+parser.add_argument("--seed", type=int, default=0, help="global seed (default: %(default)s)")
 # logging/checkpointing
-parser.add_argument("--results-dir", default="results", help="runs go to results/NNN-<data>-<method>")
+parser.add_argument("--results-dir", default="results", help="runs go to results/NNN-<data>-<method> (default: %(default)s)")
 parser.add_argument("--resume", default=None, help="a run folder, or 'latest', to continue from its checkpoint")
-parser.add_argument("--log-every", type=int, default=50, help="steps between log lines")
-parser.add_argument("--ckpt-every", type=int, default=500, help="steps between checkpoints")
+parser.add_argument("--log-every", type=int, default=50, help="steps between log lines (default: %(default)s)")
+parser.add_argument("--ckpt-every", type=int, default=500, help="steps between checkpoints (default: %(default)s)")
 parser.add_argument("--sample-every", type=int, default=0, help="steps between EMA sample grids (0: at the end only)")
-parser.add_argument("--sampler", default="sde-dpm++", choices=list(LOOPS), help="sampler of the grids and the toy measure (as sample.py)")
-parser.add_argument("--sample-steps", type=int, default=20, help="network calls per sample of the grids and the toy measure (as sample.py --steps)")
-parser.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale of the sample grids (paper: 4.0 for pictures)")
-parser.add_argument("--eval-per-class", type=int, default=32, help="toy data only: samples per class for the toy measure at start and end (0: off)")
+parser.add_argument("--sampler", default="sde-dpm++", choices=list(LOOPS),
+                    help="sampler of the grids and the toy measure (as sample.py) (default: %(default)s)")
+parser.add_argument("--sample-steps", type=int, default=20,
+                    help="network calls per sample of the grids and the toy measure (as sample.py --steps) (default: %(default)s)")
+parser.add_argument("--cfg-scale", type=float, default=4.0,
+                    help="guidance scale of the sample grids and the toy measure (paper: 4.0 for pictures) (default: %(default)s)")
+parser.add_argument("--eval-per-class", type=int, default=32,
+                    help="toy data only: samples per class for the toy measure at start and end (0: off) (default: %(default)s)")
 parser.add_argument("--eval-every", type=int, default=0, help="toy data only: steps between toy measures of the EMA, a curve in toy_curve.csv (0: off)")
 
 # -----------------------------------------------------------------------------
@@ -179,7 +184,7 @@ def check_args(args, world=1):
         ("--global-batch-size", not gbs or gbs % (world * accum) == 0,
          f"is not divisible by {world} ranks x --grad-accum {args.grad_accum}: use a multiple of {world * accum}"),
         ("--lr", args.lr is None or (finite(args.lr) and args.lr > 0), "use a positive, finite learning rate (default: 1e-3, full fine-tuning 1e-4)"),
-        ("--ema-decay", args.ema_decay is None or 0 <= args.ema_decay < 1, "use a decay in [0, 1) (the paper: 0.9999; at 1 the EMA never leaves the base)"),
+        ("--ema-decay", args.ema_decay is None or 0 <= args.ema_decay < 1, "use a decay in [0, 1) (DiT: 0.9999; at 1 the EMA never leaves the base)"),
         ("--seed", 0 <= args.seed < 2**32, "use a seed in 0 .. 2^32 - 1"),
         # logging/checkpointing
         ("--results-dir", not new_run or out is None, f"{out}: pass a --results-dir you can write to"),
@@ -490,6 +495,7 @@ def toy_eval(model, params, args, bf16, what, run_dir, step, log0):
     """Sample eval_per_class images of every class from the model with `params` (the EMA) swapped in, measure them,
     log the result and write run_dir/toy_<what>.json and .npz (what: base, ema), or a row of toy_curve.csv (curve)."""
     labels = list(range(model.num_classes)) * args.eval_per_class
+    print0(f"toy measure, {what} at step {step}: drawing {len(labels)} samples ({args.sampler}, {args.sample_steps} calls each) ...")
     images = ema_images(model, params, args, labels, None, bf16)
     m = toy_measure(images, torch.tensor(labels), args.data)
     log0(f"toy measure, {what} at step {step}: Fréchet distance {m['frechet_distance']:.2f} (floor {m['floor']:.2f}, {m['n']} images) | "
@@ -517,8 +523,14 @@ def main(args, given=None):
     check_args(args, world)
     args, info, ckpt = resolve_args(args, world, given)
     is_toy = info.get("toy", False)
+    measures = is_toy and args.eval_per_class and args.ckpt != "scratch"  # the toy measure (of a base; scratch has none)
+    last = os.path.join(args.resume or "", "toy_ema.json" if measures else "samples.png")  # the last result a run writes
+    if ckpt is not None and ckpt["step"] >= args.max_steps and os.path.exists(last) and \
+            os.path.getmtime(last) >= os.path.getmtime(os.path.join(args.resume, "ckpt.pt")):
+        print0(f"{args.resume} finished at step {ckpt['step']} and wrote its results: nothing to do (a larger --max-steps trains on)")
+        return args.resume
     batch = args.global_batch_size // (world * args.grad_accum)
-    n_bank = int(args.bank_fraction * batch) if args.diff_tuning else 0  # Diff-Tuning: 0.2 x 32 -> 6 bank + 26 data
+    n_bank = int(args.bank_fraction * batch) if args.diff_tuning else 0  # per rank and micro-step: 0.2 x 32 -> 6 bank + 26 data
 
     # Setup DDP.
     if ddp:
@@ -578,7 +590,7 @@ def main(args, given=None):
         log0(f"args: {json.dumps(vars(args))}")
         log0(f"git {git_info()} | torch {torch.__version__} | {world} x {device} | {precision_note(args.precision, device)}")
         log0(f"{args.method}: {n_trained:,} of {n_total:,} parameters train ({100 * n_trained / n_total:.3f}%) | {run_dir}")
-        measure = rank == 0 and is_toy and args.eval_per_class and args.ckpt != "scratch"  # the toy: the base is the ceiling
+        measure = rank == 0 and measures
         if measure and step == 0:
             toy_eval(model, {}, args, bf16, "base", run_dir, step, log0)
 

@@ -14,7 +14,8 @@ from models import DiT
 def tiny(monkeypatch):
     """bench.py's arguments for a 2-block DiT on 4x4 latents, batch 2, one round of one step."""
     monkeypatch.setitem(bench.DiT_models, "tiny", lambda **kw: DiT(depth=2, hidden_size=64, patch_size=2, num_heads=4, **kw))
-    monkeypatch.setattr(bench, "matmul_peak", lambda device, dtype: (lambda *_: torch.randn(64, 64, dtype=dtype) @ torch.randn(64, 64, dtype=dtype), 2 * 64 ** 3))
+    small = lambda dtype: (lambda *_: torch.randn(64, 64, dtype=dtype) @ torch.randn(64, 64, dtype=dtype), 2 * 64 ** 3)
+    monkeypatch.setattr(bench, "matmul_peak", lambda device, dtype: small(dtype))
     def make_args(*argv):
         args = bench.parser.parse_args(["--image-size", "32", "--batch-size", "2", "--num-classes", "5", "--iters", "1", "--rounds", "1", *argv])
         args.model = "tiny"
@@ -80,7 +81,9 @@ def table(out):
 
 def test_training_table(tiny, capsys):
     bench.main(tiny("--methods", "full,difffit", "--precision", "fp32"))
-    rows = table(capsys.readouterr().out)
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].endswith("--precision fp32: fp32 on cpu" + ("" if models.native_bf16(torch.device("cpu")) else " (no native bf16 here)"))
+    rows = table(out)
     assert list(rows) == ["ref full", "ref difffit", "full", "difffit"]
     assert rows["ref full"][2] == rows["ref difffit"][2] == "1.00x"  # each reference is its own baseline
     assert rows["full"][3] == "1.00" and float(rows["difffit"][3]) > 0  # step time vs our full fine-tuning

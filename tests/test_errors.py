@@ -199,6 +199,7 @@ CASES = [
     ("sample.py --delta {delta} --steps abc", "not understood"),
     ("sample.py --delta {delta} --classes a,b", "--classes a,b: expected class ids"),
     ("sample.py --delta {delta} --classes 0,99 --steps 2", "out of range: this model has classes 0..7"),
+    ("sample.py --ckpt DiT-XL-2-256x256.pt --classes 7,1000 --steps 2", "--classes [1000] out of range: this model has classes 0..999"),  # no download first
     ("sample.py --delta {delta} --classes 0 --num-fid-samples 4", "cover every class in turn"),
     ("sample.py --delta {delta} --seed -1", "--seed -1"),
     ("sample.py --delta {delta} --ckpt {base}", "not both"),
@@ -281,14 +282,14 @@ CASES = [
     ("prepare.py --data {imgs} --data-dir {afile}", "is a file, not a folder"),
     ("prepare.py --data {imgs} --download", "only torchvision's datasets download"),
     ("prepare.py --data cub200 --data-dir data", "no image folder"),
-    ("prepare.py --data {imgs} --image-size 128", "argument --image-size: invalid choice"),
+    ("prepare.py --data {imgs} --image-size 100", "--image-size 100: use a multiple of 8"),
     # study.py
     ("study.py --only table9", "--only table9: comma-separated names of table1"),
     ('study.py --only ""', "--only : comma-separated names of table1"),  # empty: refused, not the whole 2-hour study
     ("study.py --seeds 0", "--seeds 0: use at least 1 seed"),
-    ("study.py --steps 0", "--steps 0"),
+    ("study.py --max-steps 0", "--max-steps 0"),
     ("study.py --sample-steps 1", "--sample-steps 1: SDE-DPM-Solver++ takes 2 .. 1000"),
-    ("study.py --out {afile}/sub", "is a file, not a folder"),
+    ("study.py --results-dir {afile}/sub", "is a file, not a folder"),
     ("study.py --precision fp16", "argument --precision: invalid choice"),
     # bench.py and difffit.py
     ("bench.py --batch-size 0", "--batch-size 0"),
@@ -330,6 +331,15 @@ def check_one_error_line(code, err, needle):
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert needle in lines[0], lines[0]
     assert not any(w in err for w in ("Traceback", "weights_only", "allow_pickle", "pickle.load", "unsafe")), err
+
+def test_a_folder_the_file_system_refuses_is_found_before_the_run(tmp_path, monkeypatch):
+    """os.access says yes to root everywhere, and /proc or a read-only mount refuse anyway: unwritable makes a folder to be sure."""
+    def refuse(dir):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+    monkeypatch.setattr(files_py.tempfile, "mkdtemp", refuse)
+    assert files_py.unwritable(str(tmp_path / "run")) == f"{tmp_path} does not take new files (Read-only file system)"
+    monkeypatch.undo()
+    assert files_py.unwritable(str(tmp_path / "run")) is None and os.listdir(tmp_path) == []  # the try leaves nothing behind
 
 @pytest.mark.parametrize("command, needle", CASES, ids=[c.replace(T, "train.py") for c, _ in CASES])
 def test_bad_input_gives_one_error_line_and_writes_nothing(command, needle, files, tmp_path, monkeypatch, capsys):

@@ -122,7 +122,7 @@ def test_sample_grids_along_the_run_do_not_count_as_training_time(tmp_path, base
     rate = float(re.search(r"\| ([\d.]+) steps/s", open(os.path.join(run_dir, "log.txt")).read()).group(1))
     assert rate > 0.1  # 4 steps over a few fake seconds, not over 4000 s of grids
 
-def test_a_resumed_run_keeps_the_curve_measured_at_its_checkpoint(tmp_path, base, monkeypatch):
+def test_a_resumed_run_keeps_the_curve_measured_at_its_checkpoint(tmp_path, base, monkeypatch, capsys):
     """The curve at a checkpoint's step is measured before the checkpoint, so the log that a resume cuts back keeps it;
     a finished run extended with a larger --max-steps measures its old last step, where the final measure stood."""
     def killed(*a, **k):
@@ -134,6 +134,9 @@ def test_a_resumed_run_keeps_the_curve_measured_at_its_checkpoint(tmp_path, base
     run_dir = train.main(train.parser.parse_args(["--resume", "latest", "--results-dir", str(tmp_path / "results")]))
     log = open(os.path.join(run_dir, "log.txt")).read()
     assert "toy measure, curve at step 2" in log and [l.split(",")[0] for l in open(os.path.join(run_dir, "toy_curve.csv"))] == ["step", "2"]
+    capsys.readouterr()
+    assert train.main(train.parser.parse_args(["--resume", run_dir])) == run_dir  # finished, its results written: nothing redone
+    assert "nothing to do" in capsys.readouterr().out and open(os.path.join(run_dir, "log.txt")).read() == log
     train.main(train.parser.parse_args(["--resume", run_dir, "--max-steps", "6"]))  # the finished run extended: step 4 joins the curve
     log = open(os.path.join(run_dir, "log.txt")).read()
     assert "toy measure, curve at step 4" in log and [l.split(",")[0] for l in open(os.path.join(run_dir, "toy_curve.csv"))] == ["step", "2", "4"]
@@ -189,6 +192,8 @@ def test_a_sample_set_resumes_only_with_the_settings_it_was_begun_with(tmp_path,
     assert (tmp_path / "fid" / "000003.png").read_bytes() == first
     with pytest.raises(ValueError, match=r"--fid-dir .*fid: holds samples drawn with other settings \(cfg_scale 1.0 \(now 4.0\)\)"):
         main("--num-fid-samples", "4", "--fid-dir", fid_dir, "--cfg-scale", "4")  # another model, sampler or CFG scale
+    with pytest.raises(ValueError, match=r"cfg_scale 1.0 \(now 1.5\)"):  # a set's default scale: the paper's for FID
+        main("--num-fid-samples", "4", "--fid-dir", fid_dir)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "photo.png").write_bytes(b"")
     with pytest.raises(ValueError, match="not empty, and not a sample set"):
