@@ -45,7 +45,7 @@ parser.add_argument("--batch-size", type=int, default=16, help="images per step 
 parser.add_argument("--num-classes", type=int, default=101, help="classes of the new dataset (Food-101: 101) (default: %(default)s)")
 parser.add_argument("--methods", default="full,bitfit,difffit", help="comma-separated fine-tuning methods to run (default: %(default)s)")
 parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "both"],
-                    help="our rows: bf16 autocast where the hardware has it (auto), fp32, bf16, or both side by side")
+                    help="our rows: bf16 autocast where the hardware has it (auto), fp32, bf16, or both side by side (default: %(default)s)")
 parser.add_argument("--vae", action="store_true", help="add rows that encode images with the VAE every step (slow on CPUs)")
 parser.add_argument("--compile", action="store_true", help="add torch.compile rows")
 # timing

@@ -44,9 +44,11 @@ def unwritable(folder):
     if not os.access(p, os.W_OK | os.X_OK):
         return f"{p} is read-only for this user"
     try:  # a real try too: root passes os.access everywhere, and some file systems (/proc, read-only mounts) refuse anyway
-        os.rmdir(tempfile.mkdtemp(dir=p))
+        probe = tempfile.mkdtemp(dir=p)
     except OSError as e:
         return f"{p} does not take new files ({e.strerror or e})"
+    with contextlib.suppress(OSError):  # made is what counts; an append-only folder may keep it
+        os.rmdir(probe)
     return None
 
 def launched_by_torchrun():

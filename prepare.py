@@ -55,7 +55,8 @@ parser.add_argument("--vae", default="ema",
 # encoding
 parser.add_argument("--batch-size", type=int, default=32, help="images per VAE call per rank (each is encoded twice: as is and flipped) (default: %(default)s)")
 parser.add_argument("--num-workers", type=int, default=4, help="image-decoding worker processes per rank (default: %(default)s)")
-parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="VAE in bf16 autocast where the hardware has it (auto)")
+parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                    help="VAE in bf16 autocast where the hardware has it (auto), always (bf16) or never (fp32) (default: %(default)s)")
 
 def die(msg):
     """Bad input: one `error:` line and exit code 2, as in every script here."""
@@ -256,12 +257,12 @@ def encode_cache(name, root, split, image_size, vae, vae_name, batch_size=32, ra
     fp["precision"] = "bf16" if bf16 else "fp32"  # the VAE's bf16 rounding stays in the latents: an fp32 run re-encodes them
     if os.path.exists(base + ".json"):
         with open(base + ".json") as f:
-            old = json.load(f)
-        changed = [k for k in fp if old.get(k) != fp[k] and not (k == "precision" and old.get(k) == "fp32")]  # fp32 serves bf16 too
+            old = dict({"precision": "bf16"}, **json.load(f))  # a cache from before the field: maybe bf16, so fine for bf16 runs only
+        changed = [k for k in fp if old.get(k) != fp[k] and not (k == "precision" and old[k] == "fp32")]  # fp32 serves bf16 too
         if not changed:
             return base + ".npy"  # done already
         if rank == 0:
-            print(f"{base}.npy is stale (its {', '.join(changed)} differ): encoding again", flush=True)
+            print(f"{base}.npy is stale (made with another {', '.join(changed)}): encoding again", flush=True)
     parts = f"{base}.parts-{hashlib.sha1(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:10]}"  # new settings, fresh start
     os.makedirs(parts, exist_ok=True)
     chunks = [(a, min(a + chunk_size, len(ds))) for a in range(0, len(ds), chunk_size)]
@@ -324,12 +325,12 @@ def sample_latents(cache, idx, generator=None):
 def check_args(args):
     """Every flag before a download or the VAE: ValueError('--flag value: what is wrong; what to do')."""
     info = DATASETS.get(args.data, {})
-    out = unwritable(args.data_dir)
+    out, exp = unwritable(args.data_dir), unwritable(args.export) if args.export else None
     check_flags(args, [
         ("--data", not info.get("toy") or args.export, "nothing to encode: the toy data is pixels made in memory (train.py reads it as it "
                                                        "is); --export DIR writes its images"),
         ("--export", not args.export or info.get("toy"), f"only the toy domains ({', '.join(toy.DOMAINS)}) are made here; real datasets are files already"),
-        ("--export", not args.export or unwritable(args.export) is None, f"{unwritable(args.export or '.')}: pass a folder you can write to"),
+        ("--export", exp is None, f"{exp}: pass a folder you can write to"),
         ("--data", info or os.path.isdir(args.data), f"not a dataset ({', '.join(DATASETS)}) nor an image folder <class>/<image>"),
         ("--download", not args.download or "tv" in info,
          f"only torchvision's datasets download ({', '.join(k for k, v in DATASETS.items() if 'tv' in v)}): drop --download"),

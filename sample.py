@@ -51,12 +51,14 @@ parser.add_argument("--sampler", default="ddpm", choices=list(LOOPS),
 parser.add_argument("--steps", default="250",
                     help="network calls per sample: a step count (DiT: 250 DDPM steps), or a respacing like '10,15,20' (default: %(default)s)")
 parser.add_argument("--seed", type=int, default=0, help="same seed, same samples (default: %(default)s)")
-parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="bf16 autocast where the hardware has it (auto)")
+parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                    help="bf16 autocast where the hardware has it (auto), always (bf16) or never (fp32) (default: %(default)s)")
 parser.add_argument("--out", default=None, help="path of the grid PNG (default: sample.png next to the delta), or of the bank .npy")
 # FID sample sets and Diff-Tuning banks
-parser.add_argument("--num-fid-samples", type=int, default=0, help="write this many samples for FID instead of a grid")
+parser.add_argument("--num-fid-samples", type=int, default=0, help="write this many samples for FID instead of a grid (default: %(default)s: a grid)")
 parser.add_argument("--fid-dir", default=None, help="folder of the FID samples (PNGs + a .npz beside it)")
-parser.add_argument("--num-bank-samples", type=int, default=0, help="write this many samples, undecoded, as a knowledge bank for train.py --diff-tuning")
+parser.add_argument("--num-bank-samples", type=int, default=0,
+                    help="write this many samples, undecoded, as a knowledge bank for train.py --diff-tuning (default: %(default)s)")
 parser.add_argument("--batch-size", type=int, default=32, help="samples per forward pass and rank (default: %(default)s)")
 
 def die(msg):
@@ -83,10 +85,14 @@ def latest_delta(results_dir):
         raise FileNotFoundError(f"no finished run in {results_dir}/: run `python train.py` first, or pass --delta / --ckpt")
     return max(runs, key=lambda f: (int(number(f)), f))
 
+def guidance(args):
+    """--cfg-scale, or the paper's for what is drawn (§4.1): 1.5 for evaluation (FID sets, and banks), 4.0 for grids."""
+    return args.cfg_scale if args.cfg_scale is not None else 1.5 if args.num_fid_samples or args.num_bank_samples else 4.0
+
 def output(args, src):
     """Where the results go: the grid PNG, the FID sample folder or the bank .npy; by default next to what is sampled."""
     here = os.path.dirname(src) if os.path.exists(src) else "."  # a published model that is not downloaded yet: here
-    setting = f"{args.sampler}{args.steps}-cfg{args.cfg_scale}-seed{args.seed}"
+    setting = f"{args.sampler}{args.steps}-cfg{guidance(args)}-seed{args.seed}"
     if args.num_fid_samples:
         return args.fid_dir or os.path.join(here, f"fid-{args.num_fid_samples}-{setting}")
     if args.num_bank_samples:
@@ -96,8 +102,6 @@ def output(args, src):
 def check_args(args):
     """Every flag, and where the results go, before anything is loaded or drawn: ValueError('--flag value: why; what to do')."""
     sets = args.num_fid_samples or args.num_bank_samples  # balanced over all classes, not a grid
-    if args.cfg_scale is None:  # §4.1: 4.0 for visualization, 1.5 for evaluation (and the bank, sampled as the base is judged)
-        args.cfg_scale = 1.5 if sets else 4.0
     check_flags(args, [
         ("--delta", args.delta is None or args.ckpt is None, "pass --delta (a fine-tuned delta) or --ckpt (a whole model), not both"),
         ("--delta", args.delta is None or os.path.isfile(args.delta), "no such file: pass the delta.safetensors a run of train.py wrote"),
@@ -111,7 +115,7 @@ def check_args(args):
         ("--classes", args.classes is None or not sets, "FID sample sets and banks cover every class in turn: drop --classes"),
         ("--per-class", args.per_class >= 1, "draw at least 1 sample per class"),
         ("--per-class", args.per_class == 1 or not sets, "FID sample sets and banks are sized by their count: drop --per-class"),
-        ("--cfg-scale", math.isfinite(args.cfg_scale) and args.cfg_scale >= 0, "use a finite guidance scale >= 0 (1: none; pictures: 4.0; FID: 1.5)"),
+        ("--cfg-scale", math.isfinite(guidance(args)) and guidance(args) >= 0, "use a finite guidance scale >= 0 (1: none; pictures: 4.0; FID: 1.5)"),
         ("--seed", 0 <= args.seed < 2**32, "use a seed in 0 .. 2^32 - 1"),
         ("--num-fid-samples", args.num_fid_samples >= 0, "use 0 (a grid) or the number of samples to write"),
         ("--num-bank-samples", args.num_bank_samples >= 0, "use 0 (a grid) or the number of samples to write"),
@@ -195,7 +199,7 @@ def sample_settings(args, src, bf16):
     made = os.stat(src) if os.path.exists(src) else None  # the file as it is now: a retrained delta is another model
     return dict(model=os.path.abspath(src) if made else src, size=made and made.st_size, mtime_ns=made and made.st_mtime_ns,
                 samples=args.num_fid_samples or args.num_bank_samples, batch_size=args.batch_size, sampler=args.sampler,
-                steps=args.steps, cfg_scale=args.cfg_scale, guide_all_channels=args.guide_all_channels, seed=args.seed,
+                steps=args.steps, cfg_scale=guidance(args), guide_all_channels=args.guide_all_channels, seed=args.seed,
                 vae=args.vae, bf16=bf16)
 
 def claim(folder, settings, flag):
@@ -219,7 +223,7 @@ def write_grid(model, diffusion, args, labels, vae, out):
     batches = list(shard(len(labels), args.batch_size, 0, 1, args.seed))
     images = []
     for _, ids, seed in tqdm(batches, desc="grid", disable=len(batches) == 1):  # one batch: a bar over its steps instead
-        x = generate(model, diffusion, [labels[i] for i in ids], args.cfg_scale, seed, args.sampler,
+        x = generate(model, diffusion, [labels[i] for i in ids], guidance(args), seed, args.sampler,
                      None if args.guide_all_channels else 3, progress=len(batches) == 1)
         images.append(to_images(x, vae))
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -234,7 +238,7 @@ def write_fid_samples(model, diffusion, args, vae, out, rank, world):
         files = [os.path.join(out, f"{i:06d}.png") for i in ids]
         if all(os.path.exists(f) for f in files):
             continue
-        x = generate(model, diffusion, [i % k for i in ids], args.cfg_scale, seed, args.sampler, None if args.guide_all_channels else 3)
+        x = generate(model, diffusion, [i % k for i in ids], guidance(args), seed, args.sampler, None if args.guide_all_channels else 3)
         for f, im in zip(files, to_images(x, vae).numpy()):
             atomic_write(f, lambda fh: Image.fromarray(im).save(fh, format="PNG"))
     if world > 1:
@@ -253,7 +257,7 @@ def write_bank(model, diffusion, args, out, rank, world):
     for b, ids, seed in tqdm(list(shard(n, args.batch_size, rank, world, args.seed)), desc="bank", disable=rank != 0):
         f = os.path.join(parts, f"{b:06d}.npy")
         if not os.path.exists(f):
-            x = generate(model, diffusion, [i % k for i in ids], args.cfg_scale, seed, args.sampler, None if args.guide_all_channels else 3)
+            x = generate(model, diffusion, [i % k for i in ids], guidance(args), seed, args.sampler, None if args.guide_all_channels else 3)
             atomic_write(f, lambda fh: np.save(fh, x.cpu().numpy()))
     if world > 1:
         dist.barrier()
@@ -301,7 +305,7 @@ def main(args):
         elif rank == 0:
             labels = [c for c in check_classes(args.classes, model.num_classes) for _ in range(args.per_class)]
             write_grid(model, diffusion, args, labels, vae, out)
-            print(f"wrote {out} ({len(labels)} samples, {args.sampler} {args.steps} steps, cfg {args.cfg_scale}, seed {args.seed})")
+            print(f"wrote {out} ({len(labels)} samples, {args.sampler} {args.steps} steps, cfg {guidance(args)}, seed {args.seed})")
     if ddp:
         dist.destroy_process_group()
 

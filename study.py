@@ -41,7 +41,7 @@ parser.add_argument("--eval-per-class", type=int, default=16, help="samples per 
 parser.add_argument("--sample-steps", type=int, default=10, help="SDE-DPM-Solver++ network calls per sample of each toy measure (default: %(default)s)")
 parser.add_argument("--num-bank-samples", type=int, default=1024, help="Diff-Tuning: samples of the base in the knowledge bank (default: %(default)s)")
 parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
-                    help="training and sampling: bf16 autocast where the hardware has it (auto); the judge is fp32")
+                    help="training and sampling: bf16 autocast where the hardware has it (auto); the judge is fp32 (default: %(default)s)")
 parser.add_argument("--results-dir", default="results/study", help="where the runs, tables and plots go (default: %(default)s)")
 
 # -----------------------------------------------------------------------------
@@ -336,8 +336,10 @@ def main(args):
                     precision="bf16" if models.bf16_chosen(args.precision, torch.device("cpu")) else "fp32")
     path = os.path.join(args.results_dir, "settings.json")
     if os.path.exists(path) and (old := json.load(open(path))) != settings:
-        made = ", ".join(f"--{k.replace('_', '-')} {old.get(k)}" for k in settings if old.get(k) != settings[k])
+        made = ", ".join(f"--{k.replace('_', '-')} {old.get(k)}" for k in sorted(settings.keys() | old.keys()) if old.get(k) != settings.get(k))
         raise ValueError(f"--results-dir {args.results_dir}: its runs were made with {made}: pass the same, or another --results-dir")
+    if not os.path.exists(path) and os.path.isdir(os.path.join(args.results_dir, "runs")):
+        print(f"{args.results_dir}: runs from before settings.json was kept; taking them as made with these settings", flush=True)
     os.makedirs(args.results_dir, exist_ok=True)
     atomic_write(path, lambda f: f.write(json.dumps(settings).encode()))
 

@@ -20,6 +20,7 @@ import itertools
 import json
 import math
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -77,7 +78,8 @@ parser.add_argument("--global-batch-size", type=int, default=None,
 parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default: %(default)s)")
 parser.add_argument("--lr", type=float, default=None, help="default: 1e-4 for full fine-tuning and 10x that, 1e-3, for the others (Table 4d)")
 parser.add_argument("--ema-decay", type=float, default=None, help=f"EMA decay of the trained tensors (default: {PAPER['ema_decay']}; toy: {TOY['ema_decay']})")
-parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="bf16 autocast where the hardware has it (auto)")
+parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                    help="bf16 autocast where the hardware has it (auto), always (bf16) or never (fp32) (default: %(default)s)")
 parser.add_argument("--compile", action="store_true", help="torch.compile the model")
 parser.add_argument("--seed", type=int, default=0, help="global seed (default: %(default)s)")
 # logging/checkpointing
@@ -393,6 +395,12 @@ def save_checkpoint(path, delta, ema, opt, step, rngs, args, logs):
                 logs={os.path.basename(f.name): f.tell() for f in logs})
     atomic_write(path, lambda f: torch.save(ckpt, f))
 
+def finished(run_dir, ckpt):
+    """Did the run write all its results after its last checkpoint? Its log then ends so, past the size the checkpoint kept."""
+    with open(os.path.join(run_dir, "log.txt"), "rb") as f:
+        f.seek(ckpt.get("logs", {}).get("log.txt", 0))
+        return f"finished at step {ckpt['step']}: every result written".encode() in f.read()
+
 def restore(ckpt, opt, rank, device):
     """A resumed run's (EMA, step); loads its optimizer state and this rank's RNG streams."""
     opt.load_state_dict(ckpt["opt"])
@@ -523,10 +531,7 @@ def main(args, given=None):
     check_args(args, world)
     args, info, ckpt = resolve_args(args, world, given)
     is_toy = info.get("toy", False)
-    measures = is_toy and args.eval_per_class and args.ckpt != "scratch"  # the toy measure (of a base; scratch has none)
-    last = os.path.join(args.resume or "", "toy_ema.json" if measures else "samples.png")  # the last result a run writes
-    if ckpt is not None and ckpt["step"] >= args.max_steps and os.path.exists(last) and \
-            os.path.getmtime(last) >= os.path.getmtime(os.path.join(args.resume, "ckpt.pt")):
+    if ckpt is not None and ckpt["step"] >= args.max_steps and finished(args.resume, ckpt):
         print0(f"{args.resume} finished at step {ckpt['step']} and wrote its results: nothing to do (a larger --max-steps trains on)")
         return args.resume
     batch = args.global_batch_size // (world * args.grad_accum)
@@ -590,18 +595,18 @@ def main(args, given=None):
         log0(f"args: {json.dumps(vars(args))}")
         log0(f"git {git_info()} | torch {torch.__version__} | {world} x {device} | {precision_note(args.precision, device)}")
         log0(f"{args.method}: {n_trained:,} of {n_total:,} parameters train ({100 * n_trained / n_total:.3f}%) | {run_dir}")
-        measure = rank == 0 and measures
+        measure = rank == 0 and is_toy and args.eval_per_class and args.ckpt != "scratch"  # the toy: the base is the ceiling
         if measure and step == 0:
             toy_eval(model, {}, args, bf16, "base", run_dir, step, log0)
 
         # Train: one optimizer step = grad_accum micro-batches on every rank.
         model.train()  # enables label dropout, so the unconditional branch keeps training (CFG)
+        curve = os.path.join(run_dir, "toy_curve.csv")  # a finished run extended: its last step joins the curve (once)
+        if measure and args.eval_every and 0 < step < args.max_steps and step % args.eval_every == 0 and \
+                not any(row.startswith(f"{step},") for row in (pathlib.Path(curve).read_text().splitlines() if os.path.exists(curve) else [])):
+            toy_eval(model, ema, args, bf16, "curve", run_dir, step, log0)
         running, t0, since = torch.zeros((), device=device), time.time(), step
         bar = tqdm(total=args.max_steps, initial=step, unit="step", disable=rank != 0 or not sys.stderr.isatty())  # terminals only
-        curve = os.path.join(run_dir, "toy_curve.csv")
-        if measure and args.eval_every and 0 < step < args.max_steps and step % args.eval_every == 0 and \
-                not any(line.startswith(f"{step},") for line in (open(curve) if os.path.exists(curve) else [])):
-            toy_eval(model, ema, args, bf16, "curve", run_dir, step, log0)  # a finished run extended: its last step joins the curve
         while step < args.max_steps:
             for micro in range(args.grad_accum):
                 x, y = next(data)
@@ -668,6 +673,7 @@ def main(args, given=None):
             save_samples(model, ema, args, info["classes"], vae, bf16, os.path.join(run_dir, "samples.png"))
             if measure:  # the toy
                 toy_eval(model, ema, args, bf16, "ema", run_dir, step, log0)
+            log0(f"finished at step {step}: every result written")  # the last line: a resume of this run has nothing to do
     except OSError as e:  # a full disk, say: one line, not a traceback from inside torch.save (atomic_write kept the old file)
         die(f"could not write in {run_dir} ({e.strerror or e}); {left(run_dir, saved)}" + (f": --resume {run_dir} when there is room" if saved else ""))
     finally:  # also after a crash, Ctrl-C or a NaN

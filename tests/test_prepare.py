@@ -259,6 +259,15 @@ def test_fingerprint_refuses_other_settings_and_tracks_the_images(tmp_path, monk
         calls = vae.calls
         prepare.encode_cache(folder, root, "train", 16, vae, "a", batch_size=4, bf16=bf16)
         assert (vae.calls > calls) == encodes and prepare.open_cache(folder, root, "train", 16, "a")["meta"]["precision"] == made
+    meta = prepare.cache_base(folder, root, "train", 16, "a") + ".json"  # a cache from before the field was kept: maybe bf16
+    with open(meta) as f:
+        old = {k: v for k, v in json.load(f).items() if k != "precision"}
+    with open(meta, "w") as f:
+        json.dump(old, f)
+    for bf16, encodes in [(True, False), (False, True)]:
+        calls = vae.calls
+        prepare.encode_cache(folder, root, "train", 16, vae, "a", batch_size=4, bf16=bf16)
+        assert (vae.calls > calls) == encodes
 
 
 def test_a_folder_linked_back_up_is_read_once(tmp_path):

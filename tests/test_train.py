@@ -123,8 +123,9 @@ def test_sample_grids_along_the_run_do_not_count_as_training_time(tmp_path, base
     assert rate > 0.1  # 4 steps over a few fake seconds, not over 4000 s of grids
 
 def test_a_resumed_run_keeps_the_curve_measured_at_its_checkpoint(tmp_path, base, monkeypatch, capsys):
-    """The curve at a checkpoint's step is measured before the checkpoint, so the log that a resume cuts back keeps it;
-    a finished run extended with a larger --max-steps measures its old last step, where the final measure stood."""
+    """The curve at a checkpoint's step is measured before the checkpoint, so the log that a resume cuts back keeps it.
+    A finished run resumed has nothing to do, unless its log lacks the final line (killed during the exports); extended
+    with a larger --max-steps, it measures its old last step, where the final measure stood."""
     def killed(*a, **k):
         raise KeyboardInterrupt  # after the checkpoint at step 2, at step 3's grid
     monkeypatch.setattr(train, "save_samples", killed)
@@ -137,6 +138,11 @@ def test_a_resumed_run_keeps_the_curve_measured_at_its_checkpoint(tmp_path, base
     capsys.readouterr()
     assert train.main(train.parser.parse_args(["--resume", run_dir])) == run_dir  # finished, its results written: nothing redone
     assert "nothing to do" in capsys.readouterr().out and open(os.path.join(run_dir, "log.txt")).read() == log
+    with open(os.path.join(run_dir, "log.txt"), "w") as f:  # as if killed during the final exports: they are redone
+        f.write(log.replace("finished at step 4: every result written\n", ""))
+    train.main(train.parser.parse_args(["--resume", run_dir]))
+    log = open(os.path.join(run_dir, "log.txt")).read()
+    assert "nothing to do" not in capsys.readouterr().out and log.endswith("finished at step 4: every result written\n")
     train.main(train.parser.parse_args(["--resume", run_dir, "--max-steps", "6"]))  # the finished run extended: step 4 joins the curve
     log = open(os.path.join(run_dir, "log.txt")).read()
     assert "toy measure, curve at step 4" in log and [l.split(",")[0] for l in open(os.path.join(run_dir, "toy_curve.csv"))] == ["step", "2", "4"]
