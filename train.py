@@ -397,7 +397,10 @@ def save_checkpoint(path, delta, ema, opt, step, rngs, args, logs):
 
 def finished(run_dir, ckpt):
     """Did the run write all its results after its last checkpoint? Its log then ends so, past the size the checkpoint kept."""
-    with open(os.path.join(run_dir, "log.txt"), "rb") as f:
+    path = os.path.join(run_dir, "log.txt")
+    if not os.path.exists(path):  # a lost log: not known, so the results are written again
+        return False
+    with open(path, "rb") as f:
         f.seek(ckpt.get("logs", {}).get("log.txt", 0))
         return f"finished at step {ckpt['step']}: every result written".encode() in f.read()
 

@@ -138,6 +138,7 @@ def test_a_resumed_run_keeps_the_curve_measured_at_its_checkpoint(tmp_path, base
     capsys.readouterr()
     assert train.main(train.parser.parse_args(["--resume", run_dir])) == run_dir  # finished, its results written: nothing redone
     assert "nothing to do" in capsys.readouterr().out and open(os.path.join(run_dir, "log.txt")).read() == log
+    assert not train.finished(str(tmp_path), torch.load(os.path.join(run_dir, "ckpt.pt"), weights_only=True))  # no log there
     with open(os.path.join(run_dir, "log.txt"), "w") as f:  # as if killed during the final exports: they are redone
         f.write(log.replace("finished at step 4: every result written\n", ""))
     train.main(train.parser.parse_args(["--resume", run_dir]))
