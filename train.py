@@ -604,9 +604,9 @@ def main(args, given=None):
 
         # Train: one optimizer step = grad_accum micro-batches on every rank.
         model.train()  # enables label dropout, so the unconditional branch keeps training (CFG)
-        curve = os.path.join(run_dir, "toy_curve.csv")  # a finished run extended: its last step joins the curve (once)
-        if measure and args.eval_every and 0 < step < args.max_steps and step % args.eval_every == 0 and \
-                not any(row.startswith(f"{step},") for row in (pathlib.Path(curve).read_text().splitlines() if os.path.exists(curve) else [])):
+        curve = pathlib.Path(run_dir, "toy_curve.csv")  # a finished run extended: its last step joins the curve (once)
+        measured = {int(row.split(",")[0]) for row in curve.read_text().splitlines()[1:]} if curve.exists() else set()
+        if measure and args.eval_every and 0 < step < args.max_steps and step % args.eval_every == 0 and step not in measured:
             toy_eval(model, ema, args, bf16, "curve", run_dir, step, log0)
         running, t0, since = torch.zeros((), device=device), time.time(), step
         bar = tqdm(total=args.max_steps, initial=step, unit="step", disable=rank != 0 or not sys.stderr.isatty())  # terminals only
