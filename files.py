@@ -200,7 +200,8 @@ def pretrained_file(name):
         url, sha = PRETRAINED[name]
         recorded = path + ".sha256"
         if sha is None and os.path.exists(recorded):
-            sha = open(recorded).read().strip()
+            with open(recorded) as f:
+                sha = f.read().strip()
         digest = download(url, path, sha)
         if sha is None:
             with open(recorded, "w") as f:

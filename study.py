@@ -21,6 +21,7 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -36,7 +37,7 @@ parser.add_argument("--only", default=None,
                     help="comma-separated experiments to run and write (default: all of table1, table4b, table4d, fig6, posembed, samplers, difftuning)")
 parser.add_argument("--seeds", type=int, default=3, help="seeds per cell (0, 1, ...) (default: %(default)s)")
 parser.add_argument("--max-steps", type=int, default=200,
-                    help="optimizer steps of every run (batch 32); the curves measure 4 times along the way (default: %(default)s)")
+                    help="optimizer steps of every run (batch 32; toy-64: 8); the curves measure every quarter of it (toy-64: half) (default: %(default)s)")
 parser.add_argument("--eval-per-class", type=int, default=16, help="samples per class of each toy measure (default: %(default)s)")
 parser.add_argument("--sample-steps", type=int, default=10, help="SDE-DPM-Solver++ network calls per sample of each toy measure (default: %(default)s)")
 parser.add_argument("--num-bank-samples", type=int, default=1024, help="Diff-Tuning: samples of the base in the knowledge bank (default: %(default)s)")
@@ -115,16 +116,17 @@ def run_cell(args, data, flags, seed, bank):
 def read_run(run_dir):
     """The numbers of one finished run: the judge's FD and accuracy of the EMA at the end and of the base, the curve
     (step -> FD, accuracy), trained parameters, delta size, s/step (training only, measures excluded)."""
-    load = lambda name: json.load(open(os.path.join(run_dir, name)))
+    load = lambda name: json.loads(Path(run_dir, name).read_text())
     end, base = load("toy_ema.json"), load("toy_base.json")
     curve = {0: (base["frechet_distance"], base["accuracy"])}
     csv = os.path.join(run_dir, "toy_curve.csv")  # runs with --eval-every only
-    for line in open(csv).read().splitlines()[1:] if os.path.exists(csv) else []:
+    for line in Path(csv).read_text().splitlines()[1:] if os.path.exists(csv) else []:
         step, fd, _, acc, _ = line.split(",")
         curve[int(step)] = (float(fd), float(acc))  # a resumed run may have measured a step twice: the last one counts
     curve[end["step"]] = (end["frechet_distance"], end["accuracy"])
-    rows = open(os.path.join(run_dir, "metrics.csv")).read().splitlines()[1:]
-    batch = json.loads(open(os.path.join(run_dir, "log.txt")).readline().split("args: ", 1)[1])["global_batch_size"]  # its first line
+    rows = Path(run_dir, "metrics.csv").read_text().splitlines()[1:]
+    with open(os.path.join(run_dir, "log.txt")) as f:
+        batch = json.loads(f.readline().split("args: ", 1)[1])["global_batch_size"]  # its first line
     s_step = statistics.median(batch / float(r.split(",")[3]) for r in rows)  # from img/s per log interval
     delta = os.path.join(run_dir, "delta.safetensors")
     params = sum(v.numel() for v in difffit.read_delta(delta)["params"].values())
@@ -134,7 +136,7 @@ def read_run(run_dir):
 def sampler_sweep(args, run_dir):
     """{(sampler, steps): [judge result of each of NOISE_SEEDS]} for the EMA of run_dir, cached in <results-dir>/samplers.json."""
     path = os.path.join(args.results_dir, "samplers.json")
-    done = {tuple(json.loads(k)): v for k, v in json.load(open(path)).items()} if os.path.exists(path) else {}
+    done = {tuple(json.loads(k)): v for k, v in json.loads(Path(path).read_text()).items()} if os.path.exists(path) else {}
     model = difffit.load(os.path.join(run_dir, "delta.safetensors"))[0].eval()
     bf16 = models.bf16_chosen(args.precision, torch.device("cpu"))
     labels = list(range(model.num_classes)) * args.eval_per_class
@@ -220,9 +222,8 @@ def write_tables(results, names, args):
                          fmt(field(cells[0], "s_step"), 3)]
                         + [x for d, c in zip(TARGETS, cells) for x in (fmt(field(c, "fd")), "" if c is ref[d] else versus(field(c, "fd"), field(ref[d], "fd")),
                                                                        fmt(field(c, "acc"), pct=True))])
-        base = [fmt(field(get(d, ["--method", "difffit"]), "base_fd")) for d in TARGETS]
-        rows.append(["base (no training)", "0", "-", "-"] + [x for b, d in zip(base, TARGETS)
-                                                             for x in (b, "", fmt(field(get(d, ["--method", "difffit"]), "base_acc"), pct=True))])
+        rows.append(["base (no training)", "0", "-", "-"]
+                    + [x for d in TARGETS for x in (fmt(field(ref[d], "base_fd")), "", fmt(field(ref[d], "base_acc"), pct=True))])
         out["table1"] = (f"Table 1 at toy scale: judge FD (lower is better) and class accuracy of the EMA after {args.max_steps} steps, "
                          f"mean ± sd over {n} seeds; 'vs DiffFit' is the difference of mean FD, '(noise)' where it is within 2 standard errors.\n\n"
                          + table(["method", "trained params", "delta MB", "s/step (toy)"]
@@ -331,11 +332,11 @@ def main(args):
         ("--num-bank-samples", args.num_bank_samples >= 1, "use at least 1 sample"),
         ("--results-dir", out is None, f"{out}: pass a --results-dir you can write to"),
     ])
-    # Its numbers compare only across runs made alike: an --out keeps the settings it was started with.
+    # Its numbers compare only across runs made alike: a --results-dir keeps the settings it was started with.
     settings = dict(max_steps=args.max_steps, eval_per_class=args.eval_per_class, sample_steps=args.sample_steps, num_bank_samples=args.num_bank_samples,
                     precision="bf16" if models.bf16_chosen(args.precision, torch.device("cpu")) else "fp32")
     path = os.path.join(args.results_dir, "settings.json")
-    if os.path.exists(path) and (old := json.load(open(path))) != settings:
+    if os.path.exists(path) and (old := json.loads(Path(path).read_text())) != settings:
         made = ", ".join(f"--{k.replace('_', '-')} {old.get(k)}" for k in sorted(settings.keys() | old.keys()) if old.get(k) != settings.get(k))
         raise ValueError(f"--results-dir {args.results_dir}: its runs were made with {made}: pass the same, or another --results-dir")
     if not os.path.exists(path) and os.path.isdir(os.path.join(args.results_dir, "runs")):
