@@ -93,7 +93,8 @@ class Attention(nn.Module):
         B, T, C = x.shape
         qkv = self.qkv(x)  # (B, T, 3C)
         if self.gamma_qkv is not None:  # DiffFit Table 4c: γ also scales the qkv projection
-            qkv = qkv * self.gamma_qkv.to(qkv.dtype)  # the cast keeps bf16 autocast in bf16; a no-op in fp32
+            # qkv + qkv * (γ - 1): stays in bf16 under autocast, and γ - 1 keeps γ's small steps that bf16 γ would round to 1
+            qkv = torch.addcmul(qkv, qkv, (self.gamma_qkv - 1).to(qkv.dtype))
         q, k, v = qkv.view(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, nh, T, hs)
         x = attention(q, k, v)  # (B, nh, T, hs)
         return self.proj(x.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
@@ -155,9 +156,9 @@ class FinalLayer(nn.Module):
 
     def forward(self, x, c):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # shift first, then scale
-        x = self.linear(modulate(self.norm_final(x), shift, scale))
+        x = self.linear(modulate(self.norm_final(x), shift, scale)).float()  # fp32 under bf16 autocast too: the sampler's input
         if self.gamma is not None:  # DiffFit Table 4c: γ also scales the final layer's output
-            x = x * self.gamma.to(x.dtype)
+            x = x * self.gamma
         return x
 
 # -----------------------------------------------------------------------------
@@ -239,7 +240,7 @@ class DiT(nn.Module):
         # guide_channels=None guides every ε channel (what diffusers does; 1.5 on 3 channels ≈ 1.375 on 4).
         k = self.in_channels if guide_channels is None else guide_channels
         half = x[: len(x) // 2]                             # (n, C, H, W)
-        out = self.forward(torch.cat([half, half]), t, y)   # (2n, out_channels, H, W)
+        out = self.forward(torch.cat([half, half]), t, y)   # (2n, out_channels, H, W), fp32 (FinalLayer)
         eps, rest = out.split([k, out.shape[1] - k], dim=1) # (2n, k, H, W), (2n, out_channels - k, H, W)
         cond, uncond = eps.chunk(2)                         # (n, k, H, W) each
         guided = uncond + cfg_scale * (cond - uncond)       # (n, k, H, W)
@@ -539,12 +540,8 @@ def load_vae(path, **config):
         fixed[k] = v
     with torch.device("meta"):  # shapes only: skip the random init and a second copy of the weights
         model = AutoencoderKL(**config)
-    ref = model.state_dict()
-    missing, unexpected = sorted(ref.keys() - fixed.keys()), sorted(fixed.keys() - ref.keys())
-    shape = [k for k in ref if k in fixed and fixed[k].shape != ref[k].shape]
-    if missing or unexpected or shape:
-        raise ValueError(f"{path}: not an AutoencoderKL{config or ''} state dict: {len(missing)} missing {missing[:3]}, "
-                         f"{len(unexpected)} unexpected {unexpected[:3]}, {len(shape)} with wrong shape {shape[:3]}")
+    if misfit := _misfit(fixed, model.state_dict()):
+        raise ValueError(f"{path}: not an AutoencoderKL{config or ''} state dict: {misfit}")
     model.load_state_dict({k: v.float() for k, v in fixed.items()}, strict=True, assign=True)  # fp32 params
     return model.eval()
 

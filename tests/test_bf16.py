@@ -45,6 +45,22 @@ def test_frozen_weights_stored_in_bf16_compute_what_autocast_computes(base, meth
     assert torch.equal(out[0][0], out[1][0])
     assert all(torch.equal(g, out[1][1][k]) for k, g in out[0][1].items())
 
+def test_bf16_forward_follows_gamma_steps_smaller_than_bf16s_resolution(base):
+    """γ near 1 moves in steps of ~1e-3; as a bf16 number it could only take steps of 2**-7 above 1 (0.8%), so a forward
+    that multiplied by bf16 γ would not see what the fp32 master holds."""
+    model = models.load_model(base)[0]
+    difffit.apply(model, difffit.make_spec(model, "difffit", 8))
+    x, t, y = torch.randn(2, 3, 32, 32), torch.tensor([10, 500]), torch.tensor([0, 1])
+    def out(qkv, final):
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.fill_(qkv) if n.endswith("gamma_qkv") else p.fill_(final) if n == "final_layer.gamma" else None
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return model(x, t, y).float()
+    one = out(1.0, 1.0)
+    assert not torch.equal(out(1.003, 1.0), one)
+    torch.testing.assert_close(out(1.0, 1.003), one * 1.003)  # the final γ alone scales the output
+
 def test_bf16_run_resumes_exactly_and_exports_fp32(tmp_path, base):
     straight = run(tmp_path / "a", base, "--max-steps", "4", "--ckpt-every", "2")
     run(tmp_path / "b", base, "--max-steps", "2", "--ckpt-every", "2")

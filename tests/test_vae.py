@@ -163,6 +163,6 @@ def test_bad_keys_give_one_clear_error(pair, tmp_path):
     assert path in msg and "encoder.conv_in.weight" in msg and "encoder.extra" in msg and "\n" not in msg
     path = str(tmp_path / "good.bin")
     torch.save(pair[0].state_dict(), path)
-    with pytest.raises(ValueError, match="wrong shape") as e:  # right keys, wrong config
+    with pytest.raises(ValueError, match="shape") as e:  # right keys, wrong config
         load_vae(path, **{**SMALL, "latent_channels": 8})
     assert "encoder.conv_out.weight" in str(e.value) and "\n" not in str(e.value)
