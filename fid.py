@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import toy
 from files import atomic_write, check_flags, download, load_arrays, load_file, unwritable
-from prepare import DATASETS, IMAGE_EXTENSIONS, open_dataset
+from prepare import DATASETS, image_files, open_dataset, rgb
 
 # -----------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description="FID between any two of: image folder, samples .npz, statistics .npz, dataset name.")
@@ -218,7 +218,7 @@ class Images(torch.utils.data.Dataset):
         if isinstance(item, str):
             try:
                 with Image.open(item) as f:
-                    img = np.asarray(f.convert("RGB"))  # convert() decodes, so truncated files fail here
+                    img = np.asarray(rgb(f))  # as training reads it (upright, 16-bit scaled); decoding fails here if truncated
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
                 return f"{item}: {e}"
         elif isinstance(item, (tuple, list)):  # (uint8 image (3, H, W), label) from prepare.open_dataset
@@ -258,10 +258,6 @@ def get_features(images, mode, net=None, batch_size=50, num_workers=0, device="c
         print(f"warning: skipped {len(skipped)} unreadable images ({'; '.join(skipped[:3])}{' ...' if len(skipped) > 3 else ''})",
               file=sys.stderr, flush=True)
     return np.concatenate(feats)
-
-def image_files(folder):
-    """Image files under folder, recursively, any case of extension (.JPEG too), sorted."""
-    return sorted(os.path.join(r, f) for r, _, fs in os.walk(folder) for f in fs if f.lower().endswith(IMAGE_EXTENSIONS))
 
 # -----------------------------------------------------------------------------
 # statistics and the Fréchet distance

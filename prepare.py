@@ -6,7 +6,7 @@ DiffFit: Xie et al. 2023, arXiv:2304.06648. DiT: Peebles & Xie 2022, arXiv:2212.
 
     torchrun --nproc_per_node=8 prepare.py --data food101 --download   # fetch Food-101, encode its train split on 8 GPUs
     python prepare.py --data cub200                                     # one GPU (CPU works too: ~1 image/s at 256 px)
-    python prepare.py --data path/to/folder --image-size 256            # any folder of <class>/<image> (cache in data/<folder>/)
+    python prepare.py --data path/to/folder --image-size 256            # any folder of <class>/<image> (cache in data/<folder>-<hash>/)
     python prepare.py --data toy --export results/toy-images            # a toy domain's real images as PNG class folders
 
 torchvision fetches food101, sun397, caltech101 and flowers102 (--download). The others are image folders
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torchvision
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 import toy
@@ -95,7 +95,7 @@ DATASETS = {
        for name, d in toy.DOMAINS.items()},
 }
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")  # matched case-insensitively
-CROP_VERSION = "adm-center-crop-1"  # bump when the pixels fed to the VAE change: every cache becomes stale
+CROP_VERSION = "adm-center-crop-2"  # bump when the pixels fed to the VAE change: every cache becomes stale (2: upright, 16-bit scaled)
 FORMAT = "float16 (N, flip, mean|std, 4, S/8, S/8) v1"
 
 # -----------------------------------------------------------------------------
@@ -110,6 +110,17 @@ def center_crop_arr(pil_image, image_size):
     pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
     left, top = (pil_image.width - image_size) // 2, (pil_image.height - image_size) // 2
     return pil_image.crop((left, top, left + image_size, top + image_size))
+
+def rgb(img):
+    """A decoded PIL image as 8-bit RGB, upright as a viewer shows it (phone photos store EXIF orientation instead of
+    rotating), 16-bit greyscale scaled to 8 bits (convert() would clip every value above 255 to white)."""
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # malformed EXIF (Pillow raises TypeError, KeyError, ...): the pixels as stored are still an image
+        pass
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        img = Image.fromarray((np.asarray(img, np.float64) / 257).clip(0, 255).round().astype(np.uint8))  # 65535 -> 255
+    return img.convert("RGB")
 
 _reported = set()  # unreadable paths this process has already printed
 
@@ -126,7 +137,7 @@ class ImageDataset(torch.utils.data.Dataset):
         path, label = self.samples[i]
         try:
             with Image.open(path) as f:
-                img = center_crop_arr(f.convert("RGB"), self.image_size)  # convert() decodes, so truncated files fail here
+                img = center_crop_arr(rgb(f), self.image_size)  # decoding happens here, so truncated files fail here
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             if path not in _reported:
                 _reported.add(path)
@@ -139,28 +150,59 @@ def collate(batch):
     batch = [b for b in batch if b is not None]
     return torch.stack([b[0] for b in batch]) if batch else torch.zeros(0, 3, 0, 0, dtype=torch.uint8), torch.tensor([b[1] for b in batch], dtype=torch.long)
 
-def walk(top):
-    """(folder, file names) under top, following linked folders but each real folder once: a link back up would loop."""
-    seen = set()
-    for dirpath, dirs, files in os.walk(top, followlinks=True):
-        if os.path.realpath(dirpath) in seen:
+def image_files(top):
+    """Image files under top, recursively, sorted: any case of extension, hidden files and folders skipped. Linked folders
+    are followed, each real folder once, and never one that holds the folder linking to it (a link back up would loop)."""
+    def fail(e):  # os.walk would skip an unreadable folder, and its images, without a word
+        raise OSError(f"cannot read {e.filename}: {e.strerror}: make it readable, or move it out of {top}")
+    seen, found = set(), []
+    for dirpath, dirs, files in os.walk(top, followlinks=True, onerror=fail):
+        if (here := os.path.realpath(dirpath)) in seen:
             dirs[:] = []
             continue
-        seen.add(os.path.realpath(dirpath))
-        yield dirpath, files
+        seen.add(here)
+        dirs[:] = [d for d in dirs if not d.startswith(".") and not (here + os.sep).startswith(os.path.realpath(os.path.join(dirpath, d)) + os.sep)]
+        found += [os.path.join(dirpath, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+    return sorted(found)
+
+def sub_folders(folder):
+    """The sorted names of folder's visible sub-folders: an image folder's classes."""
+    return sorted(d.name for d in os.scandir(folder) if d.is_dir() and not d.name.startswith("."))
+
+def image_folder(path, split):
+    """The <class>/<image> folder a path names: path/<split> when path holds nothing but split folders (train/<class>/,
+    test/<class>/, any case), else path itself."""
+    subs = sub_folders(path)
+    if not subs or any(s.lower() not in ("train", "val", "valid", "validation", "test") or not sub_folders(os.path.join(path, s)) for s in subs):
+        return path
+    if not (match := [s for s in subs if s.lower() == split]):
+        raise FileNotFoundError(f"--data {path}: holds the split folders {', '.join(subs)} but no {split}/: pass --data {os.path.join(path, subs[0])}")
+    return os.path.join(path, match[0])
 
 def read_folder(folder):
-    """An image folder: classes = sorted sub-folders (hidden ones skipped), images found recursively inside each."""
-    classes = sorted(d.name for d in os.scandir(folder) if d.is_dir() and not d.name.startswith("."))
-    samples = [(os.path.join(dirpath, f), y) for y, c in enumerate(classes) for dirpath, files in walk(os.path.join(folder, c))
-               for f in files if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
-    if not samples:
-        raise FileNotFoundError(f"{folder}: no images in <class>/ sub-folders (extensions {', '.join(IMAGE_EXTENSIONS)})")
-    return samples, classes
+    """An image folder: classes = sorted sub-folders (hidden ones skipped), images found recursively inside each; a class
+    folder without images is refused."""
+    classes = sub_folders(folder)
+    found = [image_files(os.path.join(folder, c)) for c in classes]
+    if not any(found):
+        loose = [f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+        raise FileNotFoundError(f"{folder}: no images in <class>/ sub-folders (extensions {', '.join(IMAGE_EXTENSIONS)})" +
+                                (f"; move its {len(loose)} loose images into one sub-folder per class" if loose else ""))
+    if empty := [c for c, files in zip(classes, found) if not files]:  # a class of nothing: a label the model could never learn
+        raise ValueError(f"{folder}: class folders without an image ({len(empty)}: {', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}): "
+                         "remove them, or add their images")
+    return [(p, y) for y, files in enumerate(found) for p in files], classes
 
 def dataset_dir(name, root):
-    """Where a dataset and its caches live: <root>/<name>, or <root>/<folder name> for a path (caches only)."""
-    return os.path.join(root, name if name in DATASETS else os.path.basename(os.path.normpath(name)))
+    """Where a dataset and its caches live: <root>/<name>, or for a path (caches only) <root>/<folder name>-<hash of the path>,
+    so two folders of the same name keep apart."""
+    if name in DATASETS:
+        return os.path.join(root, name)
+    path = os.path.abspath(name)
+    out = os.path.join(root, f"{os.path.basename(path)}-{hashlib.sha1(path.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}")
+    if (os.path.realpath(out) + os.sep).startswith(os.path.realpath(path) + os.sep):
+        raise ValueError(f"--data-dir {root}: inside --data {name}, where its caches would be read as a class: pass a --data-dir outside it")
+    return out
 
 def open_dataset(name, root, split="train", image_size=256, download=False):
     """A Dataset of (uint8 (3, S, S) centre crop, label), unflipped (training flips), sorted by path."""
@@ -170,8 +212,8 @@ def open_dataset(name, root, split="train", image_size=256, download=False):
         return torch.utils.data.TensorDataset(images.permute(0, 3, 1, 2), labels)
     if info is None and not os.path.isdir(name):
         raise FileNotFoundError(f"{name!r} is neither a dataset ({', '.join(DATASETS)}) nor an image folder")
-    if info is None:  # a path: the folder itself, whatever the split
-        base = os.path.normpath(name)
+    if info is None:  # a path: the folder itself, or its split folder
+        base = image_folder(os.path.normpath(name), split)
         samples, classes = read_folder(base)
     elif "tv" in info:
         if split not in info["splits"]:
@@ -253,7 +295,7 @@ def encode_cache(name, root, split, image_size, vae, vae_name, batch_size=32, ra
         except OSError:
             return "missing"
     listing = "\n".join(f"{os.path.relpath(p, ds.root)}\t{y}\t{stamp(p)}" for p, y in ds.samples)  # the images it is made of, as they are now
-    fp["listing"] = hashlib.sha1(listing.encode()).hexdigest()
+    fp["listing"] = hashlib.sha1(listing.encode("utf-8", "surrogateescape")).hexdigest()  # file names need not be UTF-8
     fp["precision"] = "bf16" if bf16 else "fp32"  # the VAE's bf16 rounding stays in the latents: an fp32 run re-encodes them
     if os.path.exists(base + ".json"):
         with open(base + ".json") as f:
@@ -278,6 +320,8 @@ def encode_cache(name, root, split, image_size, vae, vae_name, batch_size=32, ra
         idx = np.concatenate([f["idx"] for f in files])
         if not len(idx):  # no cache of nothing: train.py would have no batch to draw
             shutil.rmtree(parts, ignore_errors=True)
+            if not os.listdir(os.path.dirname(base)):  # and the folder made for it, unless it holds other caches
+                os.rmdir(os.path.dirname(base))
             raise ValueError(f"{name}: none of its {len(ds)} images could be read (each is named above)")
         def write_latents(out):  # a .npy header, then the chunks' bytes in order
             header = dict(descr=np.dtype(np.float16).str, fortran_order=False, shape=(len(idx), 2, 2, 4, image_size // 8, image_size // 8))
@@ -326,6 +370,8 @@ def check_args(args):
     """Every flag before a download or the VAE: ValueError('--flag value: what is wrong; what to do')."""
     info = DATASETS.get(args.data, {})
     out, exp = unwritable(args.data_dir), unwritable(args.export) if args.export else None
+    if not info and os.path.isdir(args.data):
+        dataset_dir(args.data, args.data_dir)  # raises for a --data-dir inside the folder
     check_flags(args, [
         ("--data", not info.get("toy") or args.export, "nothing to encode: the toy data is pixels made in memory (train.py reads it as it "
                                                        "is); --export DIR writes its images"),

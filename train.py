@@ -51,10 +51,10 @@ parser = argparse.ArgumentParser(description="DiffFit fine-tuning of a pretraine
 # data
 parser.add_argument("--data", default="toy", help=f"dataset ({', '.join(DATASETS)}) or an image folder <class>/<image> (default: %(default)s)")
 parser.add_argument("--data-dir", default="data", help="where datasets and their latent caches live (prepare.py) (default: %(default)s)")
-parser.add_argument("--image-size", type=int, default=None, help="resolution, a multiple of 8 (default: 256; 512 in §4.3; the toy: 32)")
+parser.add_argument("--image-size", type=int, default=None, help="resolution, a multiple of 8 (default: 256; 512 in §4.3; a toy domain: its own)")
 parser.add_argument("--no-cache", action="store_true", help="encode images with the VAE every step instead of reading the latent cache")
 parser.add_argument("--vae", default="ema", help="SD VAE: ema or mse (the encoders are the same), or a local file (default: %(default)s)")
-parser.add_argument("--num-workers", type=int, default=4, help="image-decoding processes per rank (--no-cache) (default: %(default)s)")
+parser.add_argument("--num-workers", type=int, default=4, help="image-decoding processes per rank (the cache's encode, --no-cache) (default: %(default)s)")
 # model
 parser.add_argument("--model", default="DiT-XL/2", choices=list(DiT_models),
                     help="DiT config of a raw published checkpoint (ours carry their own) (default: %(default)s)")
@@ -87,7 +87,7 @@ parser.add_argument("--results-dir", default="results", help="runs go to results
 parser.add_argument("--resume", default=None, help="a run folder, or 'latest', to continue from its checkpoint")
 parser.add_argument("--log-every", type=int, default=50, help="steps between log lines (default: %(default)s)")
 parser.add_argument("--ckpt-every", type=int, default=500, help="steps between checkpoints (default: %(default)s)")
-parser.add_argument("--sample-every", type=int, default=0, help="steps between EMA sample grids (0: at the end only)")
+parser.add_argument("--sample-every", type=int, default=0, help="steps between EMA sample grids (0: at the end only) (default: %(default)s)")
 parser.add_argument("--sampler", default="sde-dpm++", choices=list(LOOPS),
                     help="sampler of the grids and the toy measure (as sample.py) (default: %(default)s)")
 parser.add_argument("--sample-steps", type=int, default=20,
@@ -96,7 +96,8 @@ parser.add_argument("--cfg-scale", type=float, default=4.0,
                     help="guidance scale of the sample grids and the toy measure (paper: 4.0 for pictures) (default: %(default)s)")
 parser.add_argument("--eval-per-class", type=int, default=32,
                     help="toy data only: samples per class for the toy measure at start and end (0: off) (default: %(default)s)")
-parser.add_argument("--eval-every", type=int, default=0, help="toy data only: steps between toy measures of the EMA, a curve in toy_curve.csv (0: off)")
+parser.add_argument("--eval-every", type=int, default=0,
+                    help="toy data only: steps between toy measures of the EMA, a curve in toy_curve.csv (0: off) (default: %(default)s)")
 
 # -----------------------------------------------------------------------------
 # helpers
@@ -148,6 +149,8 @@ def check_args(args, world=1):
     new_run = args.resume in (None, "latest")  # a new folder goes into --results-dir; a resumed run writes in its own
     out = unwritable(args.results_dir if new_run else args.resume)
     parse_blocks(args.gamma_blocks)
+    if args.data not in DATASETS and os.path.isdir(args.data) and not args.no_cache:
+        prepare.dataset_dir(args.data, args.data_dir)  # raises for a --data-dir inside the folder, where the cache would go
     only_difffit = "only --method difffit has γ: drop the flag, or use --method difffit"
     only_dt = "only Diff-Tuning uses it: add --diff-tuning BANK, or drop the flag"
     check_flags(args, [
@@ -251,7 +254,14 @@ def resolve_args(args, world=1, given=None):
     # the toy's base is shipped; the toy's ImageNet is what it was pretrained on (from scratch)
     args.ckpt = args.ckpt or (("scratch" if args.data == "toy-source" else toy.BASE_PATH) if is_toy else "DiT-XL-2-256x256.pt")
     check_args(args, world)  # again, on what the run will really use
-    info = DATASETS.get(args.data) or dict(classes=len([d for d in os.scandir(args.data) if d.is_dir() and not d.name.startswith(".")]))
+    info = DATASETS.get(args.data)
+    if info is None:  # an image folder: its classes are its sub-folders, and a resumed run must find the same ones
+        names = prepare.sub_folders(prepare.image_folder(args.data, "train"))
+        info = dict(classes=len(names), names=names)
+        if ckpt is not None and ckpt.get("classes", names) != names:  # a new folder would train as another class's label
+            new, gone = [c for c in names if c not in ckpt["classes"]], [c for c in ckpt["classes"] if c not in names]
+            raise ValueError(f"--resume {args.resume}: the classes of {args.data} changed since the run began ({len(new)} new: "
+                             f"{', '.join(new[:3]) or '-'}; {len(gone)} gone: {', '.join(gone[:3]) or '-'}): restore them, or start a new run")
     return args, info, ckpt
 
 def create_model(args, info, ckpt):
@@ -323,7 +333,14 @@ def batches(args, info, n, start, vae, bf16, rank, world, device):
         order = (batch_indices(i, len(ds), n, rank, world, args.seed).tolist() for i in itertools.count(start))
         loader = torch.utils.data.DataLoader(ds, batch_sampler=order, num_workers=args.num_workers, collate_fn=prepare.collate,
                                              pin_memory=device.type == "cuda")
+        empty = 0  # batches in a row whose every image was unreadable
         for x, y in loader:  # uint8 (B, 3, S, S); unreadable images were dropped (and reported) by collate
+            if not len(x):  # take the next batch (from then on, a resumed run draws one batch later than this run did)
+                empty += 1
+                if empty > len(ds) // (n * world) + 1:  # a whole epoch of nothing
+                    raise ValueError(f"--data {args.data}: none of its {len(ds)} images could be read (each is named above)")
+                continue
+            empty = 0
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 mean, std = vae.encode(to_unit(x.to(device)))
             yield (mean + std * torch.randn_like(std)) * VAE_SCALE, y.to(device)
@@ -345,7 +362,7 @@ def open_run(args, ckpt):
     logs are cut back to what they held at its checkpoint, so the steps after it (redone now) are not logged twice,
     and a crash's temp files go."""
     if ckpt is None:
-        name = f"{os.path.basename(os.path.normpath(args.data))}-{args.method}" + ("-difftuning" if args.diff_tuning else "")
+        name = f"{os.path.basename(os.path.abspath(args.data))}-{args.method}" + ("-difftuning" if args.diff_tuning else "")
         run_dir = claim_run_dir(args.results_dir, name)
     else:
         run_dir = args.resume
@@ -388,11 +405,12 @@ def rng_states(ddp, world, trained, step, device):
         raise RuntimeError(f"DDP replicas diverged at step {step}: {[s.item() for s in sums]}")
     return rngs
 
-def save_checkpoint(path, delta, ema, opt, step, rngs, args, logs):
+def save_checkpoint(path, delta, ema, opt, step, rngs, args, logs, classes=None):
     """ckpt.pt: the run's delta (current tensors), their EMA, the optimizer, the step, every rank's RNG, the args
-    (a dict) and the sizes of the log files: plain tensors and containers, so it loads with weights_only=True."""
+    (a dict), the sizes of the log files and an image folder's class names: plain tensors and containers, so it loads
+    with weights_only=True."""
     ckpt = dict(delta=delta, ema={k: v.cpu() for k, v in ema.items()}, opt=opt.state_dict(), step=step, rng=rngs, args=vars(args),
-                logs={os.path.basename(f.name): f.tell() for f in logs})
+                logs={os.path.basename(f.name): f.tell() for f in logs}, classes=classes)
     atomic_write(path, lambda f: torch.save(ckpt, f))
 
 def finished(run_dir, ckpt):
@@ -573,7 +591,8 @@ def main(args, given=None):
     # Setup data: any micro-step's batch is a pure function of (seed, i) (batch_indices), so resume is exact.
     vae = None if is_toy else load_vae(args.vae).to(device).eval()  # latents; also decodes the sample grids
     if not is_toy and not args.no_cache:  # the VAE posteriors of both flips, encoded once (all ranks share the work)
-        prepare.encode_cache(args.data, args.data_dir, "train", args.image_size, vae, args.vae, rank=rank, world=world, device=device, bf16=bf16)
+        prepare.encode_cache(args.data, args.data_dir, "train", args.image_size, vae, args.vae, rank=rank, world=world, device=device,
+                             num_workers=args.num_workers, bf16=bf16)
     data = batches(args, info, batch - n_bank, step * args.grad_accum, vae, bf16, rank, world, device)
     if args.diff_tuning:  # Diff-Tuning: the knowledge bank
         bank = bank_batches(open_bank(args.diff_tuning, model), n_bank, step * args.grad_accum, rank, world, args.seed, device)
@@ -598,6 +617,9 @@ def main(args, given=None):
         log0(f"args: {json.dumps(vars(args))}")
         log0(f"git {git_info()} | torch {torch.__version__} | {world} x {device} | {precision_note(args.precision, device)}")
         log0(f"{args.method}: {n_trained:,} of {n_total:,} parameters train ({100 * n_trained / n_total:.3f}%) | {run_dir}")
+        if "names" in info:  # sample.py --classes takes these numbers
+            names = [c.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for c in info["names"]]  # folder names need not be UTF-8
+            log0(f"classes: {', '.join(f'{i} {c}' for i, c in enumerate(names))}")
         measure = rank == 0 and is_toy and args.eval_per_class and args.ckpt != "scratch"  # the toy: the base is the ceiling
         if measure and step == 0:
             toy_eval(model, {}, args, bf16, "base", run_dir, step, log0)
@@ -663,7 +685,7 @@ def main(args, given=None):
                 rngs = rng_states(ddp, world, trained, step, device)
                 if rank == 0:
                     delta = difffit.make_delta(trained, spec, config, difffit.base_ref(args.ckpt))
-                    save_checkpoint(os.path.join(run_dir, "ckpt.pt"), delta, ema, opt, step, rngs, args, (log, metrics_file))
+                    save_checkpoint(os.path.join(run_dir, "ckpt.pt"), delta, ema, opt, step, rngs, args, (log, metrics_file), info.get("names"))
                 saved = step
                 if ddp:
                     dist.barrier()

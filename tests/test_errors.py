@@ -94,6 +94,9 @@ def files(tmp_path_factory, base):
     cut(f("imgs", "cat", "0.jpg"), f("broken", "truncated.jpg"))
     put(f("broken", "garbage.png"), b"not an image")
     os.makedirs(f("no_images"))
+    for rel in ("empty_class/cat/0.jpg", "splits/test/cat/0.jpg", "splits/val/cat/0.jpg", "loose/0.jpg"):
+        cut(f("imgs", "cat", "0.jpg"), f(rel), keep=1)
+    os.makedirs(f("empty_class", "dog"))
     Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(put(f("one", "0.png"), b""))  # statistics need 2
     for i, size in enumerate((32, 32, 64)):  # toy-like samples of two sizes in one set
         Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(put(f("mixed", f"{i:06d}.png"), b""))
@@ -283,6 +286,13 @@ CASES = [
     ("prepare.py --data {imgs} --download", "only torchvision's datasets download"),
     ("prepare.py --data cub200 --data-dir data", "no image folder"),
     ("prepare.py --data {imgs} --image-size 100", "--image-size 100: use a multiple of 8"),
+    ("prepare.py --data {empty_class} --data-dir data", "class folders without an image (1: dog): remove them, or add their images"),
+    ("prepare.py --data {loose} --data-dir data", "move its 1 loose images into one sub-folder per class"),
+    ("prepare.py --data {splits} --data-dir data", "holds the split folders test, val but no train/: pass --data"),
+    ("prepare.py --data {imgs} --data-dir {imgs}/cache", "inside --data"),
+    (T + " --data {imgs} --data-dir {imgs}/cache", "where its caches would be read as a class: pass a --data-dir outside it"),
+    (T + " --data {splits}", "holds the split folders test, val but no train/"),
+    (T + " --data {empty_class}", "class folders without an image (1: dog)"),
     # study.py
     ("study.py --only table9", "--only table9: comma-separated names of table1"),
     ('study.py --only ""', "--only : comma-separated names of table1"),  # empty: refused, not the whole 2-hour study
@@ -552,6 +562,6 @@ def test_prepare_makes_no_cache_when_no_image_can_be_read(files, tmp_path, capfd
         cut(os.path.join(files["broken"], "truncated.jpg"), str(tmp_path / "pics" / name / "truncated.jpg"), keep=1)
     with pytest.raises(ValueError, match="pics: none of its 2 images could be read"):
         prepare.encode_cache(str(tmp_path / "pics"), str(tmp_path / "data"), "train", 32, None, "ema")  # no VAE call is made
-    assert [f for _, _, fs in os.walk(tmp_path / "data") for f in fs] == []
+    assert os.listdir(tmp_path / "data") == []  # not even the folder made for the cache
     err = capfd.readouterr().err
     assert err.count("warning: skipping unreadable image") == 2, err  # each named once

@@ -180,7 +180,8 @@ def test_cache_layout_and_skipped_images(tmp_path, capfd):
     folder, root = make_folder(str(tmp_path / "pics")), str(tmp_path / "data")
     vae = TinyVAE()
     path = prepare.encode_cache(folder, root, "train", 16, vae, "tiny", batch_size=3, chunk_size=4)
-    assert path == os.path.join(root, "pics", "cache-train-16-tiny.npy") and os.path.exists(path)
+    assert path == os.path.join(prepare.dataset_dir(folder, root), "cache-train-16-tiny.npy") and os.path.exists(path)
+    assert os.path.basename(os.path.dirname(path)).startswith("pics-")  # the folder's name and a hash of its path
     assert sorted(os.listdir(os.path.dirname(path))) == ["cache-train-16-tiny.json", "cache-train-16-tiny.labels.npy", "cache-train-16-tiny.npy"]
     cache = prepare.open_cache(folder, root, "train", 16, "tiny")
     assert cache["latents"].shape == (6, 2, 2, 4, 2, 2) and cache["latents"].dtype == np.float16
@@ -240,7 +241,7 @@ def test_fingerprint_refuses_other_settings_and_tracks_the_images(tmp_path, monk
         shutil.copy(base + ext, base.replace("-16-a", "-32-b") + ext)
     with pytest.raises(ValueError, match="stale.*image_size: 16 .want 32.*vae: 'a' .want 'b'"):
         prepare.open_cache(folder, root, "train", 32, "b")
-    monkeypatch.setattr(prepare, "CROP_VERSION", "adm-center-crop-2")
+    monkeypatch.setattr(prepare, "CROP_VERSION", prepare.CROP_VERSION + "-next")
     with pytest.raises(ValueError, match="crop"):
         prepare.open_cache(folder, root, "train", 16, "a")
     monkeypatch.undo()
@@ -277,6 +278,58 @@ def test_a_folder_linked_back_up_is_read_once(tmp_path):
     os.symlink(os.path.join(folder, "dog"), os.path.join(folder, "cat", "dogs"))  # a linked folder elsewhere is still read
     samples = prepare.read_folder(folder)[0]
     assert len(samples) == n + 4 and len({os.path.realpath(p) for p, _ in samples}) == n
+    os.remove(os.path.join(folder, "cat", "dogs"))
+    os.symlink("..", os.path.join(folder, "cat", "up"))  # cat/up -> the whole folder: dog's images would be cats too
+    assert prepare.read_folder(folder)[0] == [(p, y) for p, y in samples if "dogs" not in p]
+
+
+def test_an_image_is_read_as_a_viewer_shows_it(tmp_path):
+    """EXIF orientation applied (a phone photo stored sideways), 16-bit greyscale scaled to 8 bits rather than clipped."""
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation 6: shown turned 90 degrees clockwise
+    img.save(tmp_path / "phone.png", exif=exif)
+    Image.fromarray(np.arange(0, 65536, 257, dtype=np.uint16).reshape(16, 16)).save(tmp_path / "grey16.png")  # 0 .. 65535
+    ds = prepare.ImageDataset([(str(tmp_path / "phone.png"), 0), (str(tmp_path / "grey16.png"), 0)], ["a"], 16, str(tmp_path))
+    upright = prepare.center_crop_arr(img.transpose(Image.Transpose.ROTATE_270), 16)
+    assert torch.equal(ds[0][0], torch.from_numpy(np.array(upright)).permute(2, 0, 1))
+    grey = ds[1][0]
+    assert torch.equal(grey[0], grey[2]) and grey.min() < 20 and grey.max() > 235 and grey.float().mean().sub(127.5).abs() < 10
+
+
+def test_a_folders_classes_are_its_sub_folders_with_images(tmp_path, monkeypatch):
+    folder = make_folder(str(tmp_path / "pics"))
+    save_image(os.path.join(folder, "cat", ".thumbnails", "t.jpg"), 20, 20, 1)  # a viewer's hidden cache inside a class: not images
+    assert len(prepare.read_folder(folder)[0]) == 8
+    os.makedirs(os.path.join(folder, "emu"))  # a class with nothing to learn from
+    with pytest.raises(ValueError, match=r"class folders without an image \(1: emu\): remove them"):
+        prepare.read_folder(folder)
+    save_image(str(tmp_path / "loose" / "a.jpg"), 20, 20, 1)
+    with pytest.raises(FileNotFoundError, match="move its 1 loose images into one sub-folder per class"):
+        prepare.read_folder(str(tmp_path / "loose"))
+    # a folder of split folders: train.py and prepare.py read <folder>/<split>, not the splits as two classes
+    for split in ("Train", "test"):  # any case
+        make_folder(str(tmp_path / "splits" / split))
+    ds = prepare.open_dataset(str(tmp_path / "splits"), str(tmp_path / "data"), "train", 16)
+    assert ds.classes == ["cat", "dog"] and all(p.startswith(str(tmp_path / "splits" / "Train")) for p, _ in ds.samples)
+    with pytest.raises(FileNotFoundError, match="holds the split folders Train, test but no val/"):
+        prepare.open_dataset(str(tmp_path / "splits"), str(tmp_path / "data"), "val", 16)
+    for c in ("test", "train"):  # classes that happen to be called so hold images, not class folders: they are classes
+        save_image(str(tmp_path / "named" / c / "0.jpg"), 20, 20, 1)
+    assert prepare.open_dataset(str(tmp_path / "named"), str(tmp_path / "data"), "train", 16).classes == ["test", "train"]
+    scandir = os.scandir  # a folder the user may not read: os.walk would drop its images without a word
+    monkeypatch.setattr(os, "scandir", lambda p=".": (_ for _ in ()).throw(PermissionError(13, "Permission denied", p))
+                        if str(p).endswith("sub") else scandir(p))
+    with pytest.raises(OSError, match="cannot read .*cat/sub: Permission denied: make it readable"):
+        prepare.read_folder(folder)
+
+
+def test_folders_of_one_name_keep_their_caches_apart(tmp_path):
+    a, b = make_folder(str(tmp_path / "a" / "train")), make_folder(str(tmp_path / "b" / "train"))
+    root = str(tmp_path / "data")
+    assert prepare.dataset_dir(a, root) != prepare.dataset_dir(b, root) and prepare.dataset_dir(a, root) == prepare.dataset_dir(a + "/", root)
+    with pytest.raises(ValueError, match="--data-dir .*: inside --data .*, where its caches would be read as a class"):
+        prepare.dataset_dir(a, os.path.join(a, "data"))
 
 
 def test_interrupted_encode_resumes_from_finished_chunks(tmp_path):
@@ -284,7 +337,7 @@ def test_interrupted_encode_resumes_from_finished_chunks(tmp_path):
     ref = prepare.encode_cache(folder, str(tmp_path / "ref"), "train", 16, TinyVAE(), "t", batch_size=2, chunk_size=2)
     with pytest.raises(KeyboardInterrupt):
         prepare.encode_cache(folder, root, "train", 16, TinyVAE(fail_at=3), "t", batch_size=2, chunk_size=2)
-    assert not os.path.exists(os.path.join(root, "pics", "cache-train-16-t.json"))  # nothing half-finished is visible
+    assert not os.path.exists(os.path.join(prepare.dataset_dir(folder, root), "cache-train-16-t.json"))  # nothing half-finished is visible
     with pytest.raises(FileNotFoundError):
         prepare.open_cache(folder, root, "train", 16, "t")
     vae = TinyVAE()
@@ -298,8 +351,8 @@ def test_ranks_write_disjoint_shards_and_rank0_finishes(tmp_path):
     ref = prepare.encode_cache(folder, str(tmp_path / "ref"), "train", 16, TinyVAE(), "t", batch_size=2, chunk_size=2)
     vae1, vae0 = TinyVAE(), TinyVAE()
     prepare.encode_cache(folder, root, "train", 16, vae1, "t", batch_size=2, chunk_size=2, rank=1, world=2)
-    parts = [p for p in os.listdir(os.path.join(root, "pics")) if ".parts" in p]
-    assert sorted(os.listdir(os.path.join(root, "pics", parts[0]))) == ["000000002-000000004.npz", "000000006-000000008.npz"]
+    parts = [p for p in os.listdir(prepare.dataset_dir(folder, root)) if ".parts" in p]
+    assert sorted(os.listdir(os.path.join(prepare.dataset_dir(folder, root), parts[0]))) == ["000000002-000000004.npz", "000000006-000000008.npz"]
     assert vae1.calls == 2 and not os.path.exists(ref.replace(str(tmp_path / "ref"), root))  # rank 1 does not finish
     path = prepare.encode_cache(folder, root, "train", 16, vae0, "t", batch_size=2, chunk_size=2, rank=0, world=2)
     assert vae0.calls == 2  # only its own chunks 0 and 2
@@ -332,7 +385,7 @@ def test_ranks_wait_for_a_slow_rank0_longer_than_the_process_group_timeout(tmp_p
                         folder, root, root_dir], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     ref = prepare.encode_cache(folder, str(tmp_path / "ref"), "train", 16, TinyVAE(), "t", batch_size=2, chunk_size=2)
-    assert np.array_equal(np.load(os.path.join(root, "pics", "cache-train-16-t.npy")), np.load(ref))
+    assert np.array_equal(np.load(os.path.join(prepare.dataset_dir(folder, root), "cache-train-16-t.npy")), np.load(ref))
 
 def test_export_writes_a_toy_domain_as_class_folders(tmp_path, capsys):
     out = tmp_path / "toy-art"

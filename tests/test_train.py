@@ -16,6 +16,7 @@ import sample
 import toy
 import train
 import models
+import prepare
 from conftest import ROOT, TINY  # and the fixture `base`: a tiny base checkpoint
 from files import atomic_write
 from models import DiT
@@ -250,7 +251,37 @@ def test_latent_training_from_the_cache_or_online(tmp_path, monkeypatch, cache):
         "--num-workers", "0", "--precision", "fp32"] + ([] if cache else ["--no-cache"])))
     assert os.path.exists(os.path.join(run_dir, "samples.png"))  # decoded through the VAE
     assert difffit.read_delta(os.path.join(run_dir, "delta.safetensors"))["spec"]["num_classes"] == 2
-    assert os.path.exists(tmp_path / "data" / "imgs" / "cache-train-32-ema.npy") == cache
+    assert os.path.exists(prepare.cache_base(str(tmp_path / "imgs"), str(tmp_path / "data"), "train", 32, "ema") + ".npy") == cache
+    assert "classes: 0 cats, 1 dogs" in open(os.path.join(run_dir, "log.txt")).read()  # the numbers sample.py --classes takes
+    os.makedirs(tmp_path / "imgs" / "ants")  # a class added since: it would shift every label, or train as the null label
+    Image.fromarray(np.zeros((40, 48, 3), np.uint8)).save(tmp_path / "imgs" / "ants" / "0.png")
+    with pytest.raises(ValueError, match="the classes of .* changed since the run began .1 new: ants; 0 gone: -.: restore them"):
+        train.main(train.parser.parse_args(["--resume", run_dir, "--max-steps", "3"]))
+
+def test_online_encoding_passes_over_a_batch_whose_images_are_all_unreadable(tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+    import models
+    for c in ("cats", "dogs"):
+        os.makedirs(tmp_path / "imgs" / c)
+        Image.fromarray(np.random.RandomState(0).randint(0, 255, (32, 32, 3), np.uint8)).save(tmp_path / "imgs" / c / "0.png")
+    for i in range(6):  # batches of 1: most steps draw one of these first
+        (tmp_path / "imgs" / "dogs" / f"bad{i}.png").write_bytes(b"not an image")
+    torch.manual_seed(0)
+    monkeypatch.setattr(train, "load_vae", lambda name: models.AutoencoderKL(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4))
+    config = dict(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=2)
+    torch.save({"config": config, "model": DiT(**config).state_dict()}, tmp_path / "base.pt")
+    run_dir = train.main(train.parser.parse_args([
+        "--data", str(tmp_path / "imgs"), "--no-cache", "--image-size", "32", "--ckpt", str(tmp_path / "base.pt"), "--results-dir",
+        str(tmp_path / "results"), "--global-batch-size", "1", "--max-steps", "4", "--sample-steps", "2", "--num-workers", "0", "--precision", "fp32"]))
+    assert "finished at step 4" in open(os.path.join(run_dir, "log.txt")).read()
+    for c in ("cats", "dogs"):
+        os.remove(tmp_path / "imgs" / c / "0.png")
+        (tmp_path / "imgs" / c / "0.png").write_bytes(b"not an image either")
+    with pytest.raises(ValueError, match="none of its 8 images could be read"):  # said, rather than waiting for a readable one forever
+        train.main(train.parser.parse_args([
+            "--data", str(tmp_path / "imgs"), "--no-cache", "--image-size", "32", "--ckpt", str(tmp_path / "base.pt"), "--results-dir",
+            str(tmp_path / "results"), "--global-batch-size", "1", "--max-steps", "4", "--num-workers", "0", "--precision", "fp32"]))
 
 def test_a_latent_model_trained_from_scratch_has_the_datas_classes(tmp_path, monkeypatch):
     """--ckpt scratch on an image folder: a DiT of its 2 classes (+ null), not the published presets' 1000; the merged model loads."""
