@@ -256,7 +256,7 @@ def main(args):
             step()
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
         return
-    if args.child:  # --what memory: one row for warmup + steps steps, then this process's peak
+    if args.child:  # --what memory: one row for warmup + iters steps, then this process's peak
         step = trainer(args.child, device, args)
         for _ in range(args.warmup + args.iters):
             step()

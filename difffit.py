@@ -155,7 +155,8 @@ def make_spec(model, method="difffit", num_classes=None, gamma_blocks=None, gamm
                 fingerprint=fingerprint(model))
 
 def apply(model, spec):
-    """Freeze the base, resize the class table to the new dataset, add the method's parameters."""
+    """Freeze the base, resize the class table to the new dataset, interpolate the position table for a larger grid (§4.3),
+    add the method's parameters; returns the names of the parameters that train."""
     if spec.get("base_grid") and spec["base_grid"] != model.input_size // model.patch_size:
         interpolate_pos_embed(model, spec["base_grid"])
     if spec["new_labels"]:
@@ -323,9 +324,9 @@ TABLE1 = {"full": "673.8M", "bitfit": "0.61M", "difffit": "0.83M", "lora-r8": "1
 def main():
     parser = argparse.ArgumentParser(description="Trainable parameters of each fine-tuning method (built on the meta device), "
                                                  "or --export a delta as a diffusers DiTTransformer2DModel folder.")
-    parser.add_argument("--model", default="DiT-XL/2", choices=list(DiT_models), help="DiT configuration")
-    parser.add_argument("--image-size", type=int, default=256, help="image resolution (latents are /8)")
-    parser.add_argument("--num-classes", type=int, default=101, help="classes of the new dataset (Food-101: 101)")
+    parser.add_argument("--model", default="DiT-XL/2", choices=list(DiT_models), help="DiT configuration (default: %(default)s)")
+    parser.add_argument("--image-size", type=int, default=256, help="image resolution (latents are /8) (default: %(default)s)")
+    parser.add_argument("--num-classes", type=int, default=101, help="classes of the new dataset (Food-101: 101) (default: %(default)s)")
     parser.add_argument("--export", default=None, metavar="DELTA", help="merge this delta into its base and write it as a diffusers folder")
     parser.add_argument("--base", default=None, help="with --export: the delta's base, if it is no longer where the delta says")
     parser.add_argument("--out", default=None, help="with --export: the folder to write (config.json + diffusion_pytorch_model.safetensors)")
