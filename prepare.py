@@ -37,7 +37,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 import toy
-from files import atomic_write, check_flags, launched_by_torchrun, unwritable
+from files import atomic_write, check_flags, exit_on_sigterm, launched_by_torchrun, peer_lost, unwritable
 from models import VAE_SCALE, bf16_chosen, load_vae, precision_note
 
 # -----------------------------------------------------------------------------
@@ -427,7 +427,12 @@ def main(args):
         dist.destroy_process_group()
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     try:
         main(parser.parse_args())
     except (ValueError, OSError) as e:  # bad input, a VAE that is missing or cannot be downloaded: one line, exit code 2
         die(str(e))
+    except RuntimeError as e:  # under torchrun: another rank failed, and said why
+        if not peer_lost(e):
+            raise
+        die(f"rank {os.environ['RANK']}: stopped, as another rank failed (its error is above)")

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import difffit
 from diffusion import create_diffusion
-from files import atomic_write, check_flags, launched_by_torchrun, published, unwritable
+from files import atomic_write, check_flags, exit_on_sigterm, launched_by_torchrun, peer_lost, published, unwritable
 from models import VAE_SCALE, DiT_models, bf16_chosen, load_model, load_vae, precision_note, raw_config
 
 # the sampler's loop in diffusion.py; every one makes one network call per kept step of the respaced chain
@@ -314,3 +314,7 @@ if __name__ == "__main__":
         main(parser.parse_args())
     except (ValueError, OSError) as e:  # bad input, or a folder that cannot be written: one line, exit code 2
         die(str(e))
+    except RuntimeError as e:  # under torchrun: another rank failed, and said why
+        if not peer_lost(e):
+            raise
+        die(f"rank {os.environ['RANK']}: stopped, as another rank failed (its error is above)")

@@ -14,6 +14,7 @@ The same script runs under `python` and `torchrun` (DDP is detected from the RAN
 import argparse
 import contextlib
 import csv
+import fcntl
 import functools
 import glob
 import itertools
@@ -37,7 +38,7 @@ import fid
 import prepare
 import toy
 from diffusion import create_diffusion
-from files import atomic_write, check_flags, launched_by_torchrun, load_arrays, load_file, published, unwritable
+from files import atomic_write, check_flags, exit_on_sigterm, launched_by_torchrun, load_arrays, load_file, peer_lost, published, unwritable
 from models import VAE_SCALE, DiT_models, bf16_chosen, load_model, load_vae, precision_note, raw_config, save_model
 from prepare import DATASETS
 from sample import LOOPS, generate, make_diffusion, save_grid, to_images
@@ -358,14 +359,21 @@ def claim_run_dir(results_dir, name):
             continue
 
 def open_run(args, ckpt):
-    """(run folder, log.txt, metrics.csv), the files open for appending; a new CSV gets its header. A resumed run's
-    logs are cut back to what they held at its checkpoint, so the steps after it (redone now) are not logged twice,
-    and a crash's temp files go."""
+    """(run folder, log.txt, metrics.csv), the files open for appending; a new CSV gets its header. The log stays locked
+    while the run trains, so a second job cannot resume the same run at once. A resumed run's logs are cut back to what
+    they held at its checkpoint, so the steps after it (redone now) are not logged twice, and a crash's temp files go."""
     if ckpt is None:
         name = f"{os.path.basename(os.path.abspath(args.data))}-{args.method}" + ("-difftuning" if args.diff_tuning else "")
         run_dir = claim_run_dir(args.results_dir, name)
     else:
         run_dir = args.resume
+    log = open(os.path.join(run_dir, "log.txt"), "a")
+    try:
+        fcntl.flock(log, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the log closes (close_run, or the process ends)
+    except BlockingIOError:
+        log.close()
+        raise ValueError(f"--resume {run_dir}: another process is training this run now: wait for it to stop, or resume another run") from None
+    if ckpt is not None:
         for f in glob.glob(os.path.join(run_dir, "*.tmp")):
             os.remove(f)
         for name, size in ckpt.get("logs", {}).items():
@@ -376,7 +384,7 @@ def open_run(args, ckpt):
     if ckpt is None:
         csv.writer(metrics_file).writerow(["step", "loss", "lr", "img_per_s"])
         metrics_file.flush()
-    return run_dir, open(os.path.join(run_dir, "log.txt"), "a"), metrics_file
+    return run_dir, log, metrics_file
 
 def close_run(run_dir, log, metrics_file):
     """Close the logs. A folder without a checkpoint holds nothing to resume, so a run that fails before its first one
@@ -709,7 +717,12 @@ def main(args, given=None):
     return run_dir
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     try:
         main(*parse_given())
     except (ValueError, OSError) as e:  # bad input, or a folder that cannot be written: one line, exit code 2
         die(str(e))
+    except RuntimeError as e:  # under torchrun: another rank failed, and said why
+        if not peer_lost(e):
+            raise
+        die(f"rank {os.environ['RANK']}: stopped, as another rank failed (its error is above)")

@@ -464,6 +464,48 @@ def test_killed_run_resumes_with_logs_as_if_nothing_had_happened(tmp_path, base)
     assert table(run_dir) == table(straight)
     assert not [f for f in os.listdir(run_dir) if f.endswith(".tmp")]
 
+def test_sigterm_before_the_first_checkpoint_leaves_no_run_folder(tmp_path, base):
+    """SIGTERM is what torchrun sends every rank once one has failed, and what a scheduler sends: it unwinds as Ctrl-C does."""
+    results = tmp_path / "results"
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--ckpt", base, "--results-dir", str(results), "--global-batch-size", "4",
+                          "--log-every", "1", "--max-steps", "100000", "--sample-steps", "2", "--precision", "fp32", "--eval-per-class", "0"],
+                         cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (results.is_dir() and any(results.glob("*/metrics.csv")) and
+                                          "step " in next(results.glob("*/log.txt")).read_text()):
+        time.sleep(0.1)  # until it trains
+    p.send_signal(signal.SIGTERM)
+    err = p.communicate(timeout=120)[1]
+    assert p.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err[-2000:]
+    assert os.listdir(results) == []
+
+def test_a_run_that_is_training_cannot_be_resumed_by_a_second_job(tmp_path, base):
+    run_dir = train.main(run_args(base, tmp_path / "results", "--max-steps", "2"))
+    with open(os.path.join(run_dir, "log.txt"), "a") as log:  # what the training job holds while it runs
+        import fcntl
+        fcntl.flock(log, fcntl.LOCK_EX)
+        with pytest.raises(ValueError, match="another process is training this run now: wait for it to stop"):
+            train.main(train.parser.parse_args(["--resume", run_dir, "--max-steps", "3"]))
+    assert open(os.path.join(run_dir, "log.txt")).read().count("finished at step 2") == 1  # its log untouched
+
+def test_a_rank_that_stops_because_rank_0_failed_says_so_in_one_line(tmp_path, base):
+    """Only rank 0 checks a sample set's settings; the other ranks, waiting for it, lose their peer: no traceback from them."""
+    os.makedirs(tmp_path / "set")
+    (tmp_path / "set" / "settings.json").write_text('{"samples": 99}')  # begun with other settings
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "sample.py", "--ckpt", base,
+                        "--num-fid-samples", "4", "--steps", "2", "--batch-size", "2", "--fid-dir", str(tmp_path / "set")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.stderr.count("error: --fid-dir") == 1, r.stderr[-3000:]
+    assert "by peer" not in r.stderr and 'sample.py", line' not in r.stderr  # rank 1 said one line, or torchrun's SIGTERM stopped it first
+
+def test_only_a_lost_peer_on_another_rank_is_cut_to_one_line(monkeypatch):
+    lost = RuntimeError("[gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:46468")
+    monkeypatch.setenv("RANK", "1")
+    assert files_py.peer_lost(lost) and files_py.peer_lost(torch.distributed.DistBackendError("NCCL communicator was aborted"))
+    assert not files_py.peer_lost(RuntimeError("CUDA error: an illegal memory access was encountered"))  # its own: a traceback
+    monkeypatch.setenv("RANK", "0")
+    assert not files_py.peer_lost(lost)  # rank 0 never waits on another's failure to report
+
 def test_full_disk_during_a_checkpoint_keeps_the_previous_one_and_no_temp_file(tmp_path, base, monkeypatch, capsys):
     real, calls = torch.save, [0]
     def save(obj, f, *a, **k):  # the second checkpoint: half written, then the disk is full
