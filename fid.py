@@ -11,6 +11,7 @@ Weights: pt_inception-2015-12-05-6726825d.pth from --weights, $FID_INCEPTION_WEI
 """
 import argparse
 import hashlib
+import json
 import os
 import re
 import sys
@@ -346,6 +347,12 @@ def images_of(src, args):
         files = image_files(src)
         if not files:
             raise FileNotFoundError(f"no images under {src}")
+        begun = os.path.join(src, "settings.json")  # a sample set of sample.py: complete only with all its samples
+        if os.path.exists(begun):
+            with open(begun) as f:
+                want = json.load(f).get("samples", 0)
+            if len(files) < want:
+                raise ValueError(f"{src}: {len(files)} of the {want} samples sample.py was asked for: run the same sample.py command again to finish it")
         return files
     if os.path.exists(src) or os.sep in src:
         raise ValueError(f"{src}: not an image folder, a .npz or a dataset name")
@@ -397,6 +404,10 @@ def main(args):
     check_args(args)
     srcs = args.inputs + ([args.ref] if args.ref else [])
     images = [images_of(s, args) for s in srcs]
+    files = {s: load_stats(s) for s, i in zip(srcs, images) if i is None}  # read first: images are measured in their mode
+    for s, (_, _, m) in files.items():
+        if any(i is not None for i in images) and m["mode"] != args.mode and not args.allow_mode_mismatch:
+            raise ValueError(f"--mode {args.mode}: {s} holds {m['mode']} statistics; pass --mode {m['mode']} to measure the images alike")
     if args.mode == "toy":
         print(f"toy judge features ({toy.JUDGE_PATH}): NOT comparable with published FIDs")
 
@@ -405,7 +416,7 @@ def main(args):
     stats = []
     for src, imgs in zip(srcs, images):
         if imgs is None:
-            stats.append(load_stats(src))
+            stats.append(files[src])
             continue
         try:
             feats = get_features(imgs, args.mode, net, args.batch_size, args.num_workers, args.device)

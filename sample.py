@@ -40,7 +40,8 @@ parser.add_argument("--ckpt", default=None, help="a full checkpoint instead: mod
 parser.add_argument("--model", default="DiT-XL/2", choices=list(DiT_models), help="config of a published (raw) checkpoint (default: %(default)s)")
 parser.add_argument("--image-size", type=int, default=256, choices=[256, 512], help="resolution of a published checkpoint (default: %(default)s)")
 parser.add_argument("--vae", default="ema", help="SD VAE decoder for latent models: ema or mse (DiT's FIDs: ema), or a local file (default: %(default)s)")
-parser.add_argument("--results-dir", default="results", help="where to look for the latest run (default: %(default)s)")
+parser.add_argument("--results-dir", default="results",
+                    help="where to look for the latest run; the results of a model outside a run go here (default: %(default)s)")
 # sampling
 parser.add_argument("--classes", default=None, help="comma-separated class ids (default: every class)")
 parser.add_argument("--per-class", type=int, default=1, help="samples per class in the grid (default: %(default)s)")
@@ -50,10 +51,10 @@ parser.add_argument("--sampler", default="ddpm", choices=list(LOOPS),
                     help="ancestral DDPM, deterministic DDIM, DPM-Solver++(2M) (an ODE), or its stochastic SDE variant (default: %(default)s)")
 parser.add_argument("--steps", default="250",
                     help="network calls per sample: a step count (DiT: 250 DDPM steps), or a respacing like '10,15,20' (default: %(default)s)")
-parser.add_argument("--seed", type=int, default=0, help="same seed, same samples (default: %(default)s)")
+parser.add_argument("--seed", type=int, default=0, help="same seed and --batch-size, same samples (default: %(default)s)")
 parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                     help="bf16 autocast where the hardware has it (auto), always (bf16) or never (fp32) (default: %(default)s)")
-parser.add_argument("--out", default=None, help="path of the grid PNG (default: sample.png next to the delta), or of the bank .npy")
+parser.add_argument("--out", default=None, help="path of the grid PNG (default: sample.png in the run folder), or of the bank .npy")
 # FID sample sets and Diff-Tuning banks
 parser.add_argument("--num-fid-samples", type=int, default=0, help="write this many samples for FID instead of a grid (default: %(default)s: a grid)")
 parser.add_argument("--fid-dir", default=None, help="folder of the FID samples (PNGs + a .npz beside it)")
@@ -90,8 +91,10 @@ def guidance(args):
     return args.cfg_scale if args.cfg_scale is not None else 1.5 if args.num_fid_samples or args.num_bank_samples else 4.0
 
 def output(args, src):
-    """Where the results go: the grid PNG, the FID sample folder or the bank .npy; by default next to what is sampled."""
-    here = os.path.dirname(src) if os.path.exists(src) else "."  # a published model that is not downloaded yet: here
+    """Where the results go: the grid PNG, the FID sample folder or the bank .npy; by default in the run folder of what
+    is sampled (a run's delta or model), else in --results-dir (not beside a base in pretrained/ or assets/)."""
+    folder = os.path.dirname(os.path.normpath(src))
+    here = folder if os.path.exists(os.path.join(folder or ".", "log.txt")) else args.results_dir
     setting = f"{args.sampler}{args.steps}-cfg{guidance(args)}-seed{args.seed}"
     if args.num_fid_samples:
         return args.fid_dir or os.path.join(here, f"fid-{args.num_fid_samples}-{setting}")
@@ -141,6 +144,11 @@ def check_args(args):
     why = unwritable(out if args.num_fid_samples else os.path.dirname(os.path.abspath(out)))
     if why or (os.path.isdir(out) and not args.num_fid_samples):
         raise ValueError(f"{flag} {out}: {why or 'a folder, not a file name'}; pass a {flag} you can write to")
+    if args.num_bank_samples and os.path.exists(out):  # a finished bank (an unfinished one is out.parts/, and resumes)
+        raise ValueError(f"--out {out}: a bank is there already; pass another --out, or delete it")
+    if args.num_fid_samples and not os.path.exists(os.path.join(out, "settings.json")) and os.path.exists(out.rstrip("/") + ".npz"):
+        raise ValueError(f"--fid-dir {out}: a new set, but {out.rstrip('/')}.npz, where its samples would go, is there already; "
+                         "pass another --fid-dir, or delete that file")
 
 def check_classes(classes, num_classes):
     """The class ids of --classes (all of them if None), each in range (unchecked where num_classes is None)."""
@@ -310,6 +318,7 @@ def main(args):
         dist.destroy_process_group()
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     try:
         main(parser.parse_args())
     except (ValueError, OSError) as e:  # bad input, or a folder that cannot be written: one line, exit code 2

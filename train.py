@@ -542,9 +542,10 @@ def toy_eval(model, params, args, bf16, what, run_dir, step, log0):
             f.write(("step,frechet_distance,floor,accuracy,n\n" if f.tell() == 0 else "") +
                     f"{step},{m['frechet_distance']:.4f},{m['floor']:.4f},{m['accuracy']:.4f},{m['n']}\n")
         return m
-    atomic_write(os.path.join(run_dir, f"toy_{what}.npz"), lambda f: np.savez(f, samples=images, labels=np.array(labels)))
+    # the samples as a sample set (arr_0, which fid.py reads; class i mod K) and their labels
+    atomic_write(os.path.join(run_dir, f"toy_{what}.npz"), lambda f: np.savez(f, arr_0=images, labels=np.array(labels)))
     if what == "ema" and os.path.exists(os.path.join(run_dir, "toy_base.npz")):  # per class: real | base | trained, 4x
-        base = load_arrays(os.path.join(run_dir, "toy_base.npz"), "the base's samples", lambda f: (f["samples"], f["labels"]))
+        base = load_arrays(os.path.join(run_dir, "toy_base.npz"), "the base's samples", lambda f: (f["arr_0" if "arr_0" in f.files else "samples"], f["labels"]))
         picture = toy.compare(args.data, [base, (images, labels)])
         atomic_write(os.path.join(run_dir, "toy_compare.png"), lambda f: picture.save(f, format="PNG"))
     atomic_write(os.path.join(run_dir, f"toy_{what}.json"), lambda f: f.write(json.dumps(dict(m, step=step)).encode()))

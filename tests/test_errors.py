@@ -246,6 +246,7 @@ CASES = [
     ("fid.py {imgs} --save-stats {toy_stats} --mode toy", "exists; not overwriting it"),
     ("fid.py {imgs} --save-stats {afile}/x.npz --mode toy", "is a file, not a folder"),
     ("fid.py {imgs} --ref {toy_stats} --mode toy --batch-size 0", "--batch-size 0"),
+    ("fid.py {imgs} --ref {toy_stats}", "holds toy statistics; pass --mode toy to measure the images alike"),  # before the Inception loads
     ("fid.py {imgs} --ref {toy_stats} --mode toy --num-workers -1", "--num-workers -1"),
     ("fid.py {imgs} --ref {toy_stats} --device nope", "not a torch device"),
     ("fid.py {imgs} --ref {toy_stats} --image-size 0", "--image-size 0"),

@@ -47,6 +47,22 @@ def test_train_writes_delta_merged_model_and_grid(tmp_path, base):
     with_delta, _ = difffit.load(os.path.join(run_dir, "delta.safetensors"))
     torch.testing.assert_close(merged(x, t, y), with_delta.eval()(x, t, y), rtol=1e-5, atol=1e-6)
     assert len(open(os.path.join(run_dir, "metrics.csv")).read().splitlines()) == 4  # header + 3 steps
+    assert fid.images_of(os.path.join(run_dir, "toy_ema.npz"), None).shape == (8, 32, 32, 3)  # a sample set fid.py reads (8 classes x 1)
+
+def test_results_go_to_the_run_folder_or_to_results_dir_never_beside_a_base(tmp_path, base):
+    run_dir = run(tmp_path, base, "--max-steps", "1", "--eval-per-class", "0")
+    args = lambda *flags: sample.parser.parse_args([*flags, "--results-dir", str(tmp_path / "results")])
+    assert sample.output(args(), os.path.join(run_dir, "delta.safetensors")) == os.path.join(run_dir, "sample.png")
+    assert sample.output(args(), os.path.join(run_dir, "model.safetensors")) == os.path.join(run_dir, "sample.png")
+    assert sample.output(args(), base) == str(tmp_path / "results" / "sample.png")  # not into pretrained/ or assets/
+    assert sample.output(args(), "DiT-XL-2-256x256.pt") == str(tmp_path / "results" / "sample.png")
+    bank = str(tmp_path / "bank.npy")
+    open(bank, "wb").close()  # a finished bank is never replaced
+    with pytest.raises(ValueError, match="--out .*bank.npy: a bank is there already; pass another --out, or delete it"):
+        sample.check_args(args("--ckpt", base, "--num-bank-samples", "4", "--out", bank))
+    open(tmp_path / "set.npz", "wb").close()  # nor another file where a new FID set's .npz would go
+    with pytest.raises(ValueError, match="--fid-dir .*set: a new set, but .*set.npz, where its samples would go, is there already"):
+        sample.check_args(args("--ckpt", base, "--num-fid-samples", "4", "--fid-dir", str(tmp_path / "set")))
 
 def test_resume_continues_exactly(tmp_path, base):
     straight = run(tmp_path / "a", base, "--max-steps", "6", "--ckpt-every", "3")
@@ -180,12 +196,15 @@ def test_fid_sample_set_is_balanced_and_resumable(tmp_path, base):
     model = load_model(base).eval()
     args = sample.parser.parse_args(["--num-fid-samples", "10", "--batch-size", "4", "--steps", "2", "--cfg-scale", "1"])
     out = str(tmp_path / "fid")
+    sample.claim(out, sample.sample_settings(args, base, False), "--fid-dir")  # as main does: its settings.json
     sample.write_fid_samples(model, sample.create_diffusion("2"), args, None, out, 0, 1)
     import numpy as np
     arr = np.load(out + ".npz")["arr_0"]
     assert arr.shape == (10, 32, 32, 3) and arr.dtype == np.uint8
     first = (tmp_path / "fid" / "000005.png").read_bytes()
     os.remove(tmp_path / "fid" / "000005.png")  # an interrupted run: one batch missing
+    with pytest.raises(ValueError, match="9 of the 10 samples sample.py was asked for: run the same sample.py command again"):
+        fid.images_of(out, None)  # not measured as if it were the set
     sample.write_fid_samples(model, sample.create_diffusion("2"), args, None, out, 0, 1)
     assert (tmp_path / "fid" / "000005.png").read_bytes() == first
 
