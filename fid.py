@@ -347,12 +347,17 @@ def images_of(src, args):
         files = image_files(src)
         if not files:
             raise FileNotFoundError(f"no images under {src}")
-        begun = os.path.join(src, "settings.json")  # a sample set of sample.py: complete only with all its samples
+        begun = os.path.join(src, "settings.json")  # a sample set of sample.py: its samples 000000.png ..., every one of them
         if os.path.exists(begun):
-            with open(begun) as f:
-                want = json.load(f).get("samples", 0)
-            if len(files) < want:
-                raise ValueError(f"{src}: {len(files)} of the {want} samples sample.py was asked for: run the same sample.py command again to finish it")
+            try:
+                with open(begun) as f:
+                    want = int(json.load(f)["samples"])
+            except (ValueError, TypeError, KeyError):
+                raise ValueError(f"{begun}: not the settings.json of a sample set sample.py began; move it out of {src}") from None
+            files = [os.path.join(src, f"{i:06d}.png") for i in range(want)]  # only those: not a grid someone put there
+            if missing := [f for f in files if not os.path.exists(f)]:
+                raise ValueError(f"{src}: {len(missing)} of the {want} samples sample.py was asked for are missing ({os.path.basename(missing[0])}"
+                                 f"{', ...' if len(missing) > 1 else ''}): run the same sample.py command again to finish it")
         return files
     if os.path.exists(src) or os.sep in src:
         raise ValueError(f"{src}: not an image folder, a .npz or a dataset name")
@@ -404,8 +409,8 @@ def main(args):
     check_args(args)
     srcs = args.inputs + ([args.ref] if args.ref else [])
     images = [images_of(s, args) for s in srcs]
-    files = {s: load_stats(s) for s, i in zip(srcs, images) if i is None}  # read first: images are measured in their mode
-    for s, (_, _, m) in files.items():
+    loaded = {s: load_stats(s) for s, i in zip(srcs, images) if i is None}  # read first: images are measured in their mode
+    for s, (_, _, m) in loaded.items():
         if any(i is not None for i in images) and m["mode"] != args.mode and not args.allow_mode_mismatch:
             raise ValueError(f"--mode {args.mode}: {s} holds {m['mode']} statistics; pass --mode {m['mode']} to measure the images alike")
     if args.mode == "toy":
@@ -416,7 +421,7 @@ def main(args):
     stats = []
     for src, imgs in zip(srcs, images):
         if imgs is None:
-            stats.append(files[src])
+            stats.append(loaded[src])
             continue
         try:
             feats = get_features(imgs, args.mode, net, args.batch_size, args.num_workers, args.device)

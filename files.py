@@ -55,12 +55,16 @@ def unwritable(folder):
 def exit_on_sigterm():
     """SIGTERM (what torchrun sends every rank once one has failed, and what a scheduler sends) unwinds like Ctrl-C, so a
     script's cleanups run: a run folder without a checkpoint is removed, a half-written file's temp goes."""
-    signal.signal(signal.SIGTERM, lambda sig, frame: sys.exit(128 + sig))
+    def stop(sig, frame):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # DataLoader workers get the SIGTERM too: their deaths must not cut the cleanup
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # nor a second SIGTERM
+        sys.exit(128 + sig)
+    signal.signal(signal.SIGTERM, stop)
 
 def peer_lost(e):
-    """Is the RuntimeError e what a rank other than 0 gets from torch.distributed when another rank died? That rank has
-    said why; this one need not add a traceback."""
-    return int(os.environ.get("RANK", 0)) > 0 and (isinstance(e, torch.distributed.DistError) or "by peer" in str(e))
+    """Is the RuntimeError e what torch.distributed raises when a rank lost contact with another, which died? That rank
+    has said why; this one need not add a traceback."""
+    return isinstance(e, torch.distributed.DistError) or "by peer" in str(e)
 
 def launched_by_torchrun():
     """Is this process one of a torchrun launch? RANK says so; then the rest of torchrun's variables must be there too."""

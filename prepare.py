@@ -435,4 +435,4 @@ if __name__ == "__main__":
     except RuntimeError as e:  # under torchrun: another rank failed, and said why
         if not peer_lost(e):
             raise
-        die(f"rank {os.environ['RANK']}: stopped, as another rank failed (its error is above)")
+        die(f"rank {os.environ.get('RANK', 0)}: lost contact with another rank (its error, if any, is above)")

@@ -92,15 +92,16 @@ def guidance(args):
 
 def output(args, src):
     """Where the results go: the grid PNG, the FID sample folder or the bank .npy; by default in the run folder of what
-    is sampled (a run's delta or model), else in --results-dir (not beside a base in pretrained/ or assets/)."""
+    is sampled (a run's delta or model), else in --results-dir under the model's name (not beside a base in pretrained/)."""
     folder = os.path.dirname(os.path.normpath(src))
-    here = folder if os.path.exists(os.path.join(folder or ".", "log.txt")) else args.results_dir
+    run = os.path.exists(os.path.join(folder or ".", "log.txt"))
+    here, name = (folder, "") if run else (args.results_dir, os.path.basename(os.path.normpath(src)).split(".")[0] + "-")
     setting = f"{args.sampler}{args.steps}-cfg{guidance(args)}-seed{args.seed}"
     if args.num_fid_samples:
-        return args.fid_dir or os.path.join(here, f"fid-{args.num_fid_samples}-{setting}")
+        return os.path.normpath(args.fid_dir) if args.fid_dir else os.path.join(here, f"{name}fid-{args.num_fid_samples}-{setting}")
     if args.num_bank_samples:
-        return args.out or os.path.join(here, f"bank-{args.num_bank_samples}-{setting}.npy")
-    return args.out or os.path.join(here, "sample.png")
+        return args.out or os.path.join(here, f"{name}bank-{args.num_bank_samples}-{setting}.npy")
+    return args.out or os.path.join(here, f"{name}sample.png")
 
 def check_args(args):
     """Every flag, and where the results go, before anything is loaded or drawn: ValueError('--flag value: why; what to do')."""
@@ -146,8 +147,8 @@ def check_args(args):
         raise ValueError(f"{flag} {out}: {why or 'a folder, not a file name'}; pass a {flag} you can write to")
     if args.num_bank_samples and os.path.exists(out):  # a finished bank (an unfinished one is out.parts/, and resumes)
         raise ValueError(f"--out {out}: a bank is there already; pass another --out, or delete it")
-    if args.num_fid_samples and not os.path.exists(os.path.join(out, "settings.json")) and os.path.exists(out.rstrip("/") + ".npz"):
-        raise ValueError(f"--fid-dir {out}: a new set, but {out.rstrip('/')}.npz, where its samples would go, is there already; "
+    if args.num_fid_samples and not os.path.exists(os.path.join(out, "settings.json")) and os.path.exists(out + ".npz"):
+        raise ValueError(f"--fid-dir {out}: a new set, but {out}.npz, where its samples would go, is there already; "
                          "pass another --fid-dir, or delete that file")
 
 def check_classes(classes, num_classes):
@@ -253,8 +254,8 @@ def write_fid_samples(model, diffusion, args, vae, out, rank, world):
         dist.barrier()
     if rank == 0:
         arr = np.stack([np.asarray(Image.open(os.path.join(out, f"{i:06d}.png"))) for i in range(n)])
-        atomic_write(out.rstrip("/") + ".npz", lambda f: np.savez(f, arr_0=arr))
-        print(f"wrote {n} samples to {out}/ and {out.rstrip('/')}.npz {tuple(arr.shape)}")
+        atomic_write(out + ".npz", lambda f: np.savez(f, arr_0=arr))
+        print(f"wrote {n} samples to {out}/ and {out}.npz {tuple(arr.shape)}")
 
 def write_bank(model, diffusion, args, out, rank, world):
     """N class-balanced samples, undecoded, as float32 (N, C, H, W) in `out` (what train.py --diff-tuning reads);
@@ -326,4 +327,4 @@ if __name__ == "__main__":
     except RuntimeError as e:  # under torchrun: another rank failed, and said why
         if not peer_lost(e):
             raise
-        die(f"rank {os.environ['RANK']}: stopped, as another rank failed (its error is above)")
+        die(f"rank {os.environ.get('RANK', 0)}: lost contact with another rank (its error, if any, is above)")

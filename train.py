@@ -373,13 +373,15 @@ def open_run(args, ckpt):
     except BlockingIOError:
         log.close()
         raise ValueError(f"--resume {run_dir}: another process is training this run now: wait for it to stop, or resume another run") from None
+    except OSError as e:  # a file system without locks (NFS without lockd, Lustre with noflock): train unguarded
+        print0(f"warning: cannot lock {log.name} ({e.strerror}); nothing stops a second job from resuming this run at once")
     if ckpt is not None:
         for f in glob.glob(os.path.join(run_dir, "*.tmp")):
             os.remove(f)
         for name, size in ckpt.get("logs", {}).items():
-            with open(os.path.join(run_dir, name), "a") as f:
-                if f.tell() > size:  # (never longer: truncate would pad a shorter file with zeros)
-                    f.truncate(size)
+            path = os.path.join(run_dir, name)
+            if os.path.exists(path) and os.path.getsize(path) > size:  # (never longer: truncate would pad a shorter file)
+                os.truncate(path, size)
     metrics_file = open(os.path.join(run_dir, "metrics.csv"), "a", newline="")
     if ckpt is None:
         csv.writer(metrics_file).writerow(["step", "loss", "lr", "img_per_s"])
@@ -545,7 +547,8 @@ def toy_eval(model, params, args, bf16, what, run_dir, step, log0):
     # the samples as a sample set (arr_0, which fid.py reads; class i mod K) and their labels
     atomic_write(os.path.join(run_dir, f"toy_{what}.npz"), lambda f: np.savez(f, arr_0=images, labels=np.array(labels)))
     if what == "ema" and os.path.exists(os.path.join(run_dir, "toy_base.npz")):  # per class: real | base | trained, 4x
-        base = load_arrays(os.path.join(run_dir, "toy_base.npz"), "the base's samples", lambda f: (f["arr_0" if "arr_0" in f.files else "samples"], f["labels"]))
+        read = lambda f: (f["arr_0" if "arr_0" in f.files else "samples"], f["labels"])  # "samples": runs made before fid.py read them
+        base = load_arrays(os.path.join(run_dir, "toy_base.npz"), "the base's samples", read)
         picture = toy.compare(args.data, [base, (images, labels)])
         atomic_write(os.path.join(run_dir, "toy_compare.png"), lambda f: picture.save(f, format="PNG"))
     atomic_write(os.path.join(run_dir, f"toy_{what}.json"), lambda f: f.write(json.dumps(dict(m, step=step)).encode()))
@@ -726,4 +729,4 @@ if __name__ == "__main__":
     except RuntimeError as e:  # under torchrun: another rank failed, and said why
         if not peer_lost(e):
             raise
-        die(f"rank {os.environ['RANK']}: stopped, as another rank failed (its error is above)")
+        die(f"rank {os.environ.get('RANK', 0)}: lost contact with another rank (its error, if any, is above)")

@@ -499,13 +499,10 @@ def test_a_rank_that_stops_because_rank_0_failed_says_so_in_one_line(tmp_path, b
     assert r.stderr.count("error: --fid-dir") == 1, r.stderr[-3000:]
     assert "by peer" not in r.stderr and 'sample.py", line' not in r.stderr  # rank 1 said one line, or torchrun's SIGTERM stopped it first
 
-def test_only_a_lost_peer_on_another_rank_is_cut_to_one_line(monkeypatch):
+def test_only_a_lost_peer_is_cut_to_one_line():
     lost = RuntimeError("[gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:46468")
-    monkeypatch.setenv("RANK", "1")
     assert files_py.peer_lost(lost) and files_py.peer_lost(torch.distributed.DistBackendError("NCCL communicator was aborted"))
     assert not files_py.peer_lost(RuntimeError("CUDA error: an illegal memory access was encountered"))  # its own: a traceback
-    monkeypatch.setenv("RANK", "0")
-    assert not files_py.peer_lost(lost)  # rank 0 never waits on another's failure to report
 
 def test_full_disk_during_a_checkpoint_keeps_the_previous_one_and_no_temp_file(tmp_path, base, monkeypatch, capsys):
     real, calls = torch.save, [0]

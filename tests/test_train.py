@@ -4,6 +4,7 @@ train.py and sample.py end to end on a tiny pixel-space DiT and the toy domain (
     python -m pytest tests/test_train.py
 """
 import os
+import shutil
 import subprocess
 import sys
 
@@ -54,8 +55,8 @@ def test_results_go_to_the_run_folder_or_to_results_dir_never_beside_a_base(tmp_
     args = lambda *flags: sample.parser.parse_args([*flags, "--results-dir", str(tmp_path / "results")])
     assert sample.output(args(), os.path.join(run_dir, "delta.safetensors")) == os.path.join(run_dir, "sample.png")
     assert sample.output(args(), os.path.join(run_dir, "model.safetensors")) == os.path.join(run_dir, "sample.png")
-    assert sample.output(args(), base) == str(tmp_path / "results" / "sample.png")  # not into pretrained/ or assets/
-    assert sample.output(args(), "DiT-XL-2-256x256.pt") == str(tmp_path / "results" / "sample.png")
+    assert sample.output(args(), base) == str(tmp_path / "results" / "base-sample.png")  # not into pretrained/ or assets/
+    assert sample.output(args(), "DiT-XL-2-256x256.pt") == str(tmp_path / "results" / "DiT-XL-2-256x256-sample.png")
     bank = str(tmp_path / "bank.npy")
     open(bank, "wb").close()  # a finished bank is never replaced
     with pytest.raises(ValueError, match="--out .*bank.npy: a bank is there already; pass another --out, or delete it"):
@@ -203,10 +204,14 @@ def test_fid_sample_set_is_balanced_and_resumable(tmp_path, base):
     assert arr.shape == (10, 32, 32, 3) and arr.dtype == np.uint8
     first = (tmp_path / "fid" / "000005.png").read_bytes()
     os.remove(tmp_path / "fid" / "000005.png")  # an interrupted run: one batch missing
-    with pytest.raises(ValueError, match="9 of the 10 samples sample.py was asked for: run the same sample.py command again"):
+    with pytest.raises(ValueError, match=r"1 of the 10 samples sample.py was asked for are missing \(000005.png\): run the same sample.py"):
         fid.images_of(out, None)  # not measured as if it were the set
+    shutil.copy(tmp_path / "fid" / "000004.png", tmp_path / "fid" / "grid.png")  # another PNG in the folder does not make up for it
+    with pytest.raises(ValueError, match="are missing"):
+        fid.images_of(out, None)
     sample.write_fid_samples(model, sample.create_diffusion("2"), args, None, out, 0, 1)
     assert (tmp_path / "fid" / "000005.png").read_bytes() == first
+    assert len(fid.images_of(out, None)) == 10  # the set's samples, without the stray grid.png
 
 def test_a_sample_set_resumes_only_with_the_settings_it_was_begun_with(tmp_path, base, monkeypatch):
     import numpy as np
