@@ -54,7 +54,8 @@ parser.add_argument("--steps", default="250",
 parser.add_argument("--seed", type=int, default=0, help="same seed and --batch-size, same samples (default: %(default)s)")
 parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                     help="bf16 autocast where the hardware has it (auto), always (bf16) or never (fp32) (default: %(default)s)")
-parser.add_argument("--out", default=None, help="path of the grid PNG (default: sample.png in the run folder), or of the bank .npy")
+parser.add_argument("--out", default=None,
+                    help="path of the grid PNG (default: sample.png in the run, else --results-dir/<model>-sample.png), or of the bank .npy")
 # FID sample sets and Diff-Tuning banks
 parser.add_argument("--num-fid-samples", type=int, default=0, help="write this many samples for FID instead of a grid (default: %(default)s: a grid)")
 parser.add_argument("--fid-dir", default=None, help="folder of the FID samples (PNGs + a .npz beside it)")
