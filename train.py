@@ -358,6 +358,19 @@ def claim_run_dir(results_dir, name):
         except FileExistsError:  # another run took that number first
             continue
 
+def locked_log(run_dir, warn=True):
+    """run_dir/log.txt open for appending and locked: released when it closes (close_run, or the process ends)."""
+    log = open(os.path.join(run_dir, "log.txt"), "a")
+    try:
+        fcntl.flock(log, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        log.close()
+        raise ValueError(f"--resume {run_dir}: another process is training this run now: wait for it to stop, or resume another run") from None
+    except OSError as e:  # a file system without locks (NFS without lockd, Lustre with noflock): train unguarded
+        if warn:
+            print0(f"warning: cannot lock {log.name} ({e.strerror}); nothing stops a second job from resuming this run at once")
+    return log
+
 def open_run(args, ckpt):
     """(run folder, log.txt, metrics.csv), the files open for appending; a new CSV gets its header. The log stays locked
     while the run trains, so a second job cannot resume the same run at once. A resumed run's logs are cut back to what
@@ -367,14 +380,7 @@ def open_run(args, ckpt):
         run_dir = claim_run_dir(args.results_dir, name)
     else:
         run_dir = args.resume
-    log = open(os.path.join(run_dir, "log.txt"), "a")
-    try:
-        fcntl.flock(log, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the log closes (close_run, or the process ends)
-    except BlockingIOError:
-        log.close()
-        raise ValueError(f"--resume {run_dir}: another process is training this run now: wait for it to stop, or resume another run") from None
-    except OSError as e:  # a file system without locks (NFS without lockd, Lustre with noflock): train unguarded
-        print0(f"warning: cannot lock {log.name} ({e.strerror}); nothing stops a second job from resuming this run at once")
+    log = locked_log(run_dir)
     if ckpt is not None:
         for f in glob.glob(os.path.join(run_dir, "*.tmp")):
             os.remove(f)
@@ -567,6 +573,8 @@ def main(args, given=None):
     if ckpt is not None and ckpt["step"] >= args.max_steps and finished(args.resume, ckpt):
         print0(f"{args.resume} finished at step {ckpt['step']} and wrote its results: nothing to do (a larger --max-steps trains on)")
         return args.resume
+    if ckpt is not None and int(os.environ.get("RANK", 0)) == 0:  # a run another job trains fails now, not after loading the model
+        locked_log(args.resume, warn=False).close()  # (open_run locks it for good)
     batch = args.global_batch_size // (world * args.grad_accum)
     n_bank = int(args.bank_fraction * batch) if args.diff_tuning else 0  # per rank and micro-step: 0.2 x 32 -> 6 bank + 26 data
 

@@ -480,8 +480,11 @@ def test_sigterm_before_the_first_checkpoint_leaves_no_run_folder(tmp_path, base
     assert p.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err[-2000:]
     assert os.listdir(results) == []
 
-def test_a_run_that_is_training_cannot_be_resumed_by_a_second_job(tmp_path, base):
+def test_a_run_that_is_training_cannot_be_resumed_by_a_second_job(tmp_path, base, monkeypatch):
     run_dir = train.main(run_args(base, tmp_path / "results", "--max-steps", "2"))
+    def create_model(*a):
+        raise AssertionError("the second job loaded the model (minutes for DiT-XL/2) before finding the run taken")
+    monkeypatch.setattr(train, "create_model", create_model)
     with open(os.path.join(run_dir, "log.txt"), "a") as log:  # what the training job holds while it runs
         import fcntl
         fcntl.flock(log, fcntl.LOCK_EX)
