@@ -454,5 +454,7 @@ if __name__ == "__main__":
     warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"  # one line, without the source line under it
     try:
         main(parser.parse_args())
+    except KeyboardInterrupt:  # Ctrl-C: no traceback
+        sys.exit(130)
     except (ValueError, OSError) as e:  # bad input, or a file that cannot be written: one line, exit code 2
         die(str(e))

@@ -52,13 +52,16 @@ def unwritable(folder):
         os.rmdir(probe)
     return None
 
+class Terminated(SystemExit):
+    """Raised by SIGTERM (exit_on_sigterm): exit code 143, as a process killed by it."""
+
 def exit_on_sigterm():
     """SIGTERM (what torchrun sends every rank once one has failed, and what a scheduler sends) unwinds like Ctrl-C, so a
     script's cleanups run: a run folder without a checkpoint is removed, a half-written file's temp goes."""
     def stop(sig, frame):
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # DataLoader workers get the SIGTERM too: their deaths must not cut the cleanup
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # nor a second SIGTERM
-        sys.exit(128 + sig)
+        raise Terminated(128 + sig)
     signal.signal(signal.SIGTERM, stop)
 
 def peer_lost(e):

@@ -430,6 +430,10 @@ if __name__ == "__main__":
     exit_on_sigterm()
     try:
         main(parser.parse_args())
+    except KeyboardInterrupt:  # Ctrl-C: no traceback; the latent cache keeps its finished chunks
+        if int(os.environ.get("RANK", 0)) == 0:
+            print("stopped: the same command goes on from the chunks of the latent cache already encoded", flush=True)
+        sys.exit(130)
     except (ValueError, OSError) as e:  # bad input, a VAE that is missing or cannot be downloaded: one line, exit code 2
         die(str(e))
     except RuntimeError as e:  # under torchrun: another rank failed, and said why

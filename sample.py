@@ -321,8 +321,13 @@ def main(args):
 
 if __name__ == "__main__":
     exit_on_sigterm()
+    args = parser.parse_args()
     try:
-        main(parser.parse_args())
+        main(args)
+    except KeyboardInterrupt:  # Ctrl-C: no traceback; an FID set or a bank keeps its finished samples
+        if (args.num_fid_samples or args.num_bank_samples) and int(os.environ.get("RANK", 0)) == 0:
+            print("stopped: the finished samples are kept, and the same command goes on from them", flush=True)
+        sys.exit(130)
     except (ValueError, OSError) as e:  # bad input, or a folder that cannot be written: one line, exit code 2
         die(str(e))
     except RuntimeError as e:  # under torchrun: another rank failed, and said why

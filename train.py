@@ -38,7 +38,7 @@ import fid
 import prepare
 import toy
 from diffusion import create_diffusion
-from files import atomic_write, check_flags, exit_on_sigterm, launched_by_torchrun, load_arrays, load_file, peer_lost, published, unwritable
+from files import Terminated, atomic_write, check_flags, exit_on_sigterm, launched_by_torchrun, load_arrays, load_file, peer_lost, published, unwritable
 from models import VAE_SCALE, DiT_models, bf16_chosen, load_model, load_vae, precision_note, raw_config, save_model
 from prepare import DATASETS
 from sample import LOOPS, generate, make_diffusion, save_grid, to_images
@@ -721,6 +721,9 @@ def main(args, given=None):
             log0(f"finished at step {step}: every result written")  # the last line: a resume of this run has nothing to do
     except OSError as e:  # a full disk, say: one line, not a traceback from inside torch.save (atomic_write kept the old file)
         die(f"could not write in {run_dir} ({e.strerror or e}); {left(run_dir, saved)}" + (f": --resume {run_dir} when there is room" if saved else ""))
+    except (KeyboardInterrupt, Terminated):  # Ctrl-C, or SIGTERM from torchrun or a scheduler: say how to go on
+        print0(f"stopped at step {step}: {left(run_dir, saved)}" + (f"; --resume {run_dir} continues from it" if saved else ""))
+        raise
     finally:  # also after a crash, Ctrl-C or a NaN
         if rank == 0:
             close_run(run_dir, log, metrics_file)
@@ -732,6 +735,8 @@ if __name__ == "__main__":
     exit_on_sigterm()
     try:
         main(*parse_given())
+    except KeyboardInterrupt:  # Ctrl-C: main said where the run stands; no traceback
+        sys.exit(130)
     except (ValueError, OSError) as e:  # bad input, or a folder that cannot be written: one line, exit code 2
         die(str(e))
     except RuntimeError as e:  # under torchrun: another rank failed, and said why

@@ -465,20 +465,46 @@ def test_killed_run_resumes_with_logs_as_if_nothing_had_happened(tmp_path, base)
     assert table(run_dir) == table(straight)
     assert not [f for f in os.listdir(run_dir) if f.endswith(".tmp")]
 
+def stop_while_training(script, flags, ready, sig):
+    """Run a script in its own process until ready() holds, send it sig: (exit code, stdout, stderr)."""
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *flags], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not ready():
+        time.sleep(0.1)
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=120)
+    return p.returncode, out, err
+
+def train_flags(base, results, *extra):
+    return ["--ckpt", base, "--results-dir", str(results), "--global-batch-size", "4", "--max-steps", "100000", "--sample-steps", "2",
+            "--precision", "fp32", "--eval-per-class", "0", *extra]
+
 def test_sigterm_before_the_first_checkpoint_leaves_no_run_folder(tmp_path, base):
     """SIGTERM is what torchrun sends every rank once one has failed, and what a scheduler sends: it unwinds as Ctrl-C does."""
     results = tmp_path / "results"
-    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--ckpt", base, "--results-dir", str(results), "--global-batch-size", "4",
-                          "--log-every", "1", "--max-steps", "100000", "--sample-steps", "2", "--precision", "fp32", "--eval-per-class", "0"],
-                         cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and not (results.is_dir() and any(results.glob("*/metrics.csv")) and
-                                          "step " in next(results.glob("*/log.txt")).read_text()):
-        time.sleep(0.1)  # until it trains
-    p.send_signal(signal.SIGTERM)
-    err = p.communicate(timeout=120)[1]
-    assert p.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err[-2000:]
+    trains = lambda: any(results.glob("*/metrics.csv")) and "step " in next(results.glob("*/log.txt")).read_text()
+    rc, out, err = stop_while_training("train.py", train_flags(base, results, "--log-every", "1"), trains, signal.SIGTERM)
+    assert rc == 128 + signal.SIGTERM and "Traceback" not in err, err[-2000:]
     assert os.listdir(results) == []
+    assert "stopped at step" in out and ": no checkpoint had been written, so the run folder is removed" in out
+
+def test_ctrl_c_says_which_checkpoint_a_resume_continues_from_without_a_traceback(tmp_path, base):
+    results = tmp_path / "results"
+    saved = lambda: any(results.glob("*/ckpt.pt"))
+    rc, out, err = stop_while_training("train.py", train_flags(base, results, "--ckpt-every", "1"), saved, signal.SIGINT)
+    assert rc == 130 and "Traceback" not in err, err[-2000:]
+    run_dir = next(results.glob("*"))
+    step = torch.load(run_dir / "ckpt.pt", weights_only=True)["step"]
+    assert f"is intact; --resume {run_dir} continues from it" in out and f"(step {step})" in out, out[-2000:]
+
+def test_ctrl_c_during_an_fid_set_keeps_its_samples_and_says_so(tmp_path, base):
+    out = tmp_path / "set"
+    flags = ["--ckpt", base, "--num-fid-samples", "400", "--batch-size", "2", "--steps", "2", "--fid-dir", str(out)]
+    rc, stdout, err = stop_while_training("sample.py", flags, lambda: (out / "000001.png").exists(), signal.SIGINT)
+    assert rc == 130 and "Traceback" not in err, err[-2000:]
+    assert "stopped: the finished samples are kept, and the same command goes on from them" in stdout
+    assert (out / "000000.png").exists() and not list(out.glob("*.tmp"))
 
 def test_a_run_that_is_training_cannot_be_resumed_by_a_second_job(tmp_path, base, monkeypatch):
     run_dir = train.main(run_args(base, tmp_path / "results", "--max-steps", "2"))
