@@ -76,7 +76,8 @@ parser.add_argument("--tau", type=float, default=1.0, help="downstream t ∝ (t+
 parser.add_argument("--max-steps", type=int, default=None, help=f"optimizer steps (default: {PAPER['max_steps']}, the paper's; the toy: {TOY['max_steps']})")
 parser.add_argument("--global-batch-size", type=int, default=None,
                     help=f"images per step over all ranks (default: {PAPER['global_batch_size']}; the toy: {TOY['global_batch_size']})")
-parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default: %(default)s)")
+parser.add_argument("--grad-accum", type=int, default=1,
+                    help="micro-batches per optimizer step: the same batches in less memory; a resumed run may change it (default: %(default)s)")
 parser.add_argument("--lr", type=float, default=None, help="default: 1e-4 for full fine-tuning and 10x that, 1e-3, for the others (Table 4d)")
 parser.add_argument("--ema-decay", type=float, default=None, help=f"EMA decay of the trained tensors (default: {PAPER['ema_decay']}; toy: {TOY['ema_decay']})")
 parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
@@ -85,7 +86,7 @@ parser.add_argument("--compile", action="store_true", help="torch.compile the mo
 parser.add_argument("--seed", type=int, default=0, help="global seed (default: %(default)s)")
 # logging/checkpointing
 parser.add_argument("--results-dir", default="results", help="runs go to results/NNN-<data>-<method> (default: %(default)s)")
-parser.add_argument("--resume", default=None, help="a run folder, or 'latest', to continue from its checkpoint")
+parser.add_argument("--resume", default=None, help="a run folder, or 'latest', to continue from its checkpoint (exactly, on as many ranks as it had)")
 parser.add_argument("--log-every", type=int, default=50, help="steps between log lines (default: %(default)s)")
 parser.add_argument("--ckpt-every", type=int, default=500, help="steps between checkpoints (default: %(default)s)")
 parser.add_argument("--sample-every", type=int, default=0, help="steps between EMA sample grids (0: at the end only) (default: %(default)s)")
@@ -233,17 +234,16 @@ def resolve_args(args, world=1, given=None):
         # default): a flag given now must agree with them, except the ones a resumed run may change
         defaults = vars(parser.parse_args([]))
         own = {**defaults, **ckpt["args"]}
-        fixed = [k for k in defaults if k not in ("resume", "results_dir", "max_steps", "ckpt")]
-        given = given if given is not None else {k for k in fixed if getattr(args, k) != defaults[k]}
+        fixed = [k for k in defaults if k not in ("resume", "results_dir", "max_steps", "ckpt", "grad_accum")]
+        given = given if given is not None else {k for k in defaults if getattr(args, k) != defaults[k]}
         check_flags(args, [(f"--{k.replace('_', '-')}", k not in given or getattr(args, k) == own[k],
                             f"--resume continues the run with its own setting ({own[k]}): drop the flag, or start a new run") for k in fixed])
-        check_flags(args, [
-            ("--max-steps", args.max_steps is None or args.max_steps >= ckpt["step"], f"the run is at step {ckpt['step']} already: pass more steps"),
-            ("--resume", len(ckpt["rng"]) == world, f"the run trained on {len(ckpt['rng'])} ranks: resume it on as many (exact resume)"),
-        ])
+        check_flags(args, [("--max-steps", args.max_steps is None or args.max_steps >= ckpt["step"],
+                            f"the run is at step {ckpt['step']} already: pass more steps")])
         # its base: where --ckpt says it is now, or where the delta says (not the path as typed, which was relative to another folder)
         base = args.ckpt or difffit.base_path(ckpt["delta"]["base"])
-        args = argparse.Namespace(**{**own, "resume": run_dir, "max_steps": args.max_steps or own["max_steps"], "ckpt": base})
+        args = argparse.Namespace(**{**own, "resume": run_dir, "max_steps": args.max_steps or own["max_steps"], "ckpt": base,
+                                     "grad_accum": args.grad_accum if "grad_accum" in given else own["grad_accum"]})
         if base != "scratch" and not published(base) and not os.path.exists(base):
             raise FileNotFoundError(f"--resume {run_dir}: its base {base} is missing: pass --ckpt with where it is now")
     is_toy = DATASETS.get(args.data, {}).get("toy", False)
@@ -438,12 +438,16 @@ def finished(run_dir, ckpt):
         f.seek(ckpt.get("logs", {}).get("log.txt", 0))
         return f"finished at step {ckpt['step']}: every result written".encode() in f.read()
 
-def restore(ckpt, opt, rank, device):
-    """A resumed run's (EMA, step); loads its optimizer state and this rank's RNG streams."""
+def restore(ckpt, opt, rank, world, seed, device):
+    """A resumed run's (EMA, step); loads its optimizer state and this rank's RNG streams (on another number of ranks,
+    new streams seeded by the step, so that the resumed run is reproducible too)."""
     opt.load_state_dict(ckpt["opt"])
-    torch.set_rng_state(ckpt["rng"][rank]["cpu"])
-    if device.type == "cuda" and len(ckpt["rng"][rank]["cuda"]):  # a run begun on a CPU has no CUDA stream: it stays seeded
-        torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"])
+    if len(ckpt["rng"]) != world:
+        torch.manual_seed((seed * 1_000_003 + ckpt["step"]) * world + rank)
+    else:
+        torch.set_rng_state(ckpt["rng"][rank]["cpu"])
+        if device.type == "cuda" and len(ckpt["rng"][rank]["cuda"]):  # a run begun on a CPU has no CUDA stream: it stays seeded
+            torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"])
     return {k: v.to(device) for k, v in ckpt["ema"].items()}, ckpt["step"]
 
 @contextlib.contextmanager
@@ -569,6 +573,10 @@ def main(args, given=None):
     world = int(os.environ.get("WORLD_SIZE", 1)) if ddp else 1
     check_args(args, world)
     args, info, ckpt = resolve_args(args, world, given)
+    was = (len(ckpt["rng"]), ckpt["args"].get("grad_accum", 1)) if ckpt is not None else (world, args.grad_accum)
+    if was != (world, args.grad_accum):  # batch_indices: step s reads images s·B ... (s+1)·B - 1 of the stream, however it is split
+        print0(f"warning: --resume {args.resume}: the run trained on {was[0]} ranks x --grad-accum {was[1]} and goes on with {world} x "
+               f"{args.grad_accum}: the same batches, but noise, timesteps and flips drawn afresh (exact with the same split)")
     is_toy = info.get("toy", False)
     if ckpt is not None and ckpt["step"] >= args.max_steps and finished(args.resume, ckpt):
         print0(f"{args.resume} finished at step {ckpt['step']} and wrote its results: nothing to do (a larger --max-steps trains on)")
@@ -603,7 +611,7 @@ def main(args, given=None):
     diffusion = create_diffusion("")  # training sees all 1000 steps
     step = 0
     if ckpt is not None:  # resume: EMA, optimizer, step and this rank's RNG streams (the trained tensors came with the delta)
-        ema, step = restore(ckpt, opt, rank, device)
+        ema, step = restore(ckpt, opt, rank, world, args.seed, device)
     train_model = torch.compile(model) if args.compile else model
     if ddp:
         train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)

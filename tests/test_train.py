@@ -100,6 +100,28 @@ def test_batches_cover_every_image_once_per_epoch():
     assert sorted(seen[:10].tolist()) == list(range(10)) and sorted(seen[10:20].tolist()) == list(range(10))
     assert not torch.equal(seen[:10], seen[10:20])  # a new permutation each epoch
 
+def test_a_step_reads_the_same_images_however_many_ranks_and_micro_batches_share_it():
+    """What lets a run resume on another number of ranks or with another --grad-accum and still see its own batches."""
+    n, gbs = 37, 12
+    def images(step, world, accum):
+        b = gbs // (world * accum)
+        return sorted(torch.cat([train.batch_indices(step * accum + m, n, b, r, world, seed=3) for m in range(accum) for r in range(world)]).tolist())
+    for step in range(8):  # across epoch boundaries too (37 images, 12 per step)
+        assert all(images(step, w, a) == images(step, 1, 1) for w, a in [(2, 1), (4, 1), (2, 3), (3, 2), (1, 4), (6, 2)])
+
+def test_a_run_resumes_on_another_number_of_ranks_and_micro_batches(tmp_path, base):
+    run_dir = run(tmp_path, base, "--max-steps", "2", "--ckpt-every", "2", "--eval-per-class", "0")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", "--resume", run_dir,
+                        "--max-steps", "4"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "trained on 1 ranks x --grad-accum 1 and goes on with 2 x 1: the same batches" in r.stdout and "replicas in sync" in r.stdout
+    assert len(torch.load(os.path.join(run_dir, "ckpt.pt"), weights_only=True)["rng"]) == 2
+    train.main(train.parser.parse_args(["--resume", run_dir, "--max-steps", "5", "--grad-accum", "2"]))  # back on one, in 2 micro-batches
+    ckpt = torch.load(os.path.join(run_dir, "ckpt.pt"), weights_only=True)
+    assert ckpt["step"] == 5 and ckpt["args"]["grad_accum"] == 2 and len(ckpt["rng"]) == 1
+    steps = [int(l.split(",")[0]) for l in open(os.path.join(run_dir, "metrics.csv")).read().splitlines()[1:]]
+    assert steps == [1, 2, 3, 4, 5]
+
 def test_sample_cli_is_deterministic(tmp_path, base):
     run_dir = run(tmp_path, base, "--max-steps", "2")
     outs = []
