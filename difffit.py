@@ -75,8 +75,9 @@ class PromptedBlock(nn.Module):
         return self.block(torch.cat([x, p], 1), c)[:, :x.shape[1]]  # (N, T, D): the prompts' outputs are dropped
 
 # -----------------------------------------------------------------------------
-# which parameters train: one function per method. Every method except full adds or selects its own parameters;
-# apply() then unfreezes the class table when the dataset's classes are new.
+# which parameters train: one function per method, which adds its parameters (if any) and selects those that train;
+# apply() then unfreezes the class table when the dataset's classes are new. A new method is one more function and
+# its entry in METHODS, where train.py's --method, bench.py and study.py find it (tests/test_difffit.py lists them all).
 
 def _train_only(model, keep):
     for name, p in model.named_parameters():
@@ -135,7 +136,6 @@ METHODS = {"full": full, "bitfit": bitfit, "difffit": difffit,
            "lora-r8": partial(lora, rank=8), "lora-r16": partial(lora, rank=16),
            "adapt-parallel": partial(adapter, sequential=False), "adapt-sequential": partial(adapter, sequential=True),
            "vpt-deep": vpt_deep}
-MERGEABLE = {"full", "bitfit", "difffit", "lora-r8", "lora-r16"}  # the others add modules a plain DiT lacks
 
 # -----------------------------------------------------------------------------
 # the surgery, done once after the base weights are loaded
@@ -157,6 +157,8 @@ def make_spec(model, method="difffit", num_classes=None, gamma_blocks=None, gamm
 def apply(model, spec):
     """Freeze the base, resize the class table to the new dataset, interpolate the position table for a larger grid (§4.3),
     add the method's parameters; returns the names of the parameters that train."""
+    if spec["method"] not in METHODS:  # a delta of a fork's own method
+        raise ValueError(f"the method {spec['method']!r} is not one this difffit.py has ({', '.join(METHODS)}): use the code that trained it")
     if spec.get("base_grid") and spec["base_grid"] != model.input_size // model.patch_size:
         interpolate_pos_embed(model, spec["base_grid"])
     if spec["new_labels"]:
@@ -286,9 +288,13 @@ def apply_delta(model, delta):
 # merge: fold γ into the neighbouring linear layers, export a plain DiT state dict
 
 @torch.no_grad()
+def mergeable(model):
+    """Whether merge() can fold the method into a plain DiT: not adapters or prompts, modules a plain DiT lacks."""
+    return not any(isinstance(m, (AdaptedMlp, PromptedBlock)) for m in model.modules())
+
 def merge(model):
     """A state dict in the published key layout with γ and LoRA folded in; loads into a plain DiT(num_classes=K)."""
-    if any(isinstance(m, (AdaptedMlp, PromptedBlock)) for m in model.modules()):
+    if not mergeable(model):
         raise ValueError("adapters and prompts are modules a plain DiT does not have, so they cannot be merged: "
                          "sample from the base and the delta instead (sample.py --delta delta.safetensors)")
     sd = {k: v.detach().clone() for k, v in model.state_dict().items() if "gamma" not in k and ".lora_" not in k}
@@ -359,7 +365,7 @@ def main():
     print(f"{args.model} @ {args.image_size}px, {args.num_classes} classes (pos_embed is fixed and excluded)")
     print(f"{'method':<17} {'trainable':>13} {'%':>8}  paper (Table 1, XL/2)")
     for method, n in rows:
-        print(f"{method:<17} {n:>13,} {100 * n / total:>7.2f}%  {TABLE1[method] if args.model == 'DiT-XL/2' else ''}")
+        print(f"{method:<17} {n:>13,} {100 * n / total:>7.2f}%  {TABLE1.get(method, '') if args.model == 'DiT-XL/2' else ''}")
 
 def die(msg):
     """Bad input: one `error:` line and exit code 2, as in every script here."""

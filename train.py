@@ -465,8 +465,8 @@ def export(ema, spec, config, args, run_dir):
     delta = difffit.make_delta(ema, spec, config, difffit.base_ref(args.ckpt))
     difffit.save_delta(os.path.join(run_dir, "delta.safetensors"), delta)
     wrote = f"{run_dir}/delta.safetensors ({os.path.getsize(os.path.join(run_dir, 'delta.safetensors')) / 1e6:.2f} MB)"
-    if args.method in difffit.MERGEABLE:  # adapters and prompts are modules a plain DiT lacks: delta only
-        merged, _ = difffit.load(delta)  # base + delta in fp32, from the files, as sample.py loads them
+    merged, _ = difffit.load(delta)  # base + delta in fp32, from the files, as sample.py loads them
+    if difffit.mergeable(merged):  # adapters and prompts are modules a plain DiT lacks: delta only
         save_model(os.path.join(run_dir, "model.safetensors"), difffit.merge(merged), {**config, "num_classes": spec["num_classes"]})
         wrote += f" and {run_dir}/model.safetensors (merged)"
     return wrote
