@@ -136,7 +136,9 @@ class GaussianDiffusion:
         out = model(x, self._on("timestep_map", t.device)[t], **(model_kwargs or {}))
         out = out.float()  # the loss math runs in fp32 even under bf16 autocast (a no-op in fp32)
         C = x.shape[1]
-        assert out.shape[1] == 2 * C, f"model must return (N, 2C, ...) = ε and v, got {tuple(out.shape)}"
+        if out.shape[1] != 2 * C:
+            raise ValueError(f"the model returns {out.shape[1]} channels for {C}-channel inputs: this diffusion needs ε and the learned "
+                             f"variance v, 2 x {C} (a DiT with learn_sigma=True, as every published one)")
         return out[:, :C], out[:, C:]
 
     def _p_from_output(self, eps, v, x, t, clip_denoised):
@@ -258,8 +260,8 @@ class GaussianDiffusion:
             x0 = (x - sigma[i] * eps) / alpha[i]  # the data prediction x_θ = (x_t - σ_t·ε_θ)/α_t that ++ integrates
             if clip_denoised:
                 x0 = x0.clamp(-1, 1)
-            if i == 0:  # the last call (at original step 0, σ ≈ 0.01) returns x_θ, as DDPM and DDIM do
-                return x0
+            if i == 0:  # the last call (at original step 0, σ ≈ 0.01) gives x_θ, returned below, as DDPM and DDIM do
+                continue  # (not break, after which a progress bar would not count this step)
             # Alg. 2, from kept step i to i-1: D = (1 + 1/(2r))·x_θ - 1/(2r)·x_θ_prev with h = λ_{i-1} - λ_i, r = h_prev/h.
             # D = x_θ (first order) on the first step, which has no x_θ_prev, and on the step onto step 0, which crosses a fifth
             # to a half of the λ range (h ≈ 4·h_prev): extrapolating over it made the error 2-5x larger on closed-form problems
@@ -275,6 +277,7 @@ class GaussianDiffusion:
             else:  # the probability-flow ODE (Alg. 2): x ← (σ_{i-1}/σ_i)·x - α_{i-1}·(e^{-h} - 1)·D; first order = DDIM
                 x = (sigma[i - 1] / sigma[i]) * x - (alpha[i - 1] * np.expm1(-h)) * D
             x0_prev, h_prev = x0, h
+        return x0
 
 # -----------------------------------------------------------------------------
 

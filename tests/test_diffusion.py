@@ -207,6 +207,13 @@ def test_bf16_model_output_is_cast_to_float32_before_the_loss_math():
         assert ours[k].dtype == torch.float32 and torch.equal(ours[k], ref[k]), k
 
 
+def test_a_model_without_the_learned_variance_is_refused_by_name():
+    from models import DiT
+    model = DiT(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=3, learn_sigma=False)
+    with pytest.raises(ValueError, match="returns 4 channels for 4-channel inputs: .* learn_sigma=True"):
+        create_diffusion("2").ddim_sample_loop(model, (1, 4, 4, 4), model_kwargs=dict(y=torch.tensor([0])))
+
+
 @pytest.mark.parametrize("spec", ["", "250"])
 def test_learned_range_variance_interpolates_logs_without_clamp(spec):
     # IDDPM Eq. 15 with frac = (v + 1)/2 between log β̃ (clipped) and log β of the current chain, v not clamped
@@ -313,6 +320,13 @@ def test_sampler_is_deterministic_given_seed(loop):
     sample = lambda seed: (torch.manual_seed(seed), getattr(d, loop)(model, (2, 2, 4, 4)))[1]
     a, b, c = sample(0), sample(0), sample(1)
     assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+@pytest.mark.parametrize("loop", ["p_sample_loop", "ddim_sample_loop", "dpm_solver_sample_loop", "sde_dpm_solver_sample_loop"])
+def test_progress_bar_counts_every_step(loop, capsys):
+    d = create_diffusion("10")
+    getattr(d, loop)(toy_model(), (1, 2, 4, 4), progress=True)
+    assert "10/10" in capsys.readouterr().err
 
 
 def test_ddpm_draws_noise_in_reference_order():
