@@ -70,11 +70,10 @@ class LabelEmbedder(nn.Module):
 
 def attention(q, k, v):
     """softmax(q k^T / sqrt(hs)) v over (B, nh, T, hs): PyTorch's fused kernel, except when training in bf16 on a CPU
-    at up to 576 tokens (DiT at 256 px has 256). There the CPU flash kernel's backward makes it slower than these
-    three ops (113 vs 85 ms at S/2's batch-32 shape on an AMX CPU, 44 vs 19 ms at batch 16 on a Zen 4; README, speed
-    and memory), which keep the (B, nh, T, T) weights for the backward instead (at 256 px as large as the MLP's hidden
-    activation). Their bf16 scores round a sharp softmax more than the fused kernel does, but a bf16 step's gradients
-    are as close to fp32's either way: the rounding of the linear layers dominates."""
+    at up to 576 tokens (DiT at 256 px has 256), where the CPU flash kernel's backward is slower than these three ops
+    (README, speed and memory). They keep the (B, nh, T, T) weights for the backward, and their bf16 scores round a
+    sharp softmax more than the fused kernel does, but a bf16 step's gradients are as close to fp32's either way: the
+    rounding of the linear layers dominates."""
     if q.is_cpu and q.dtype == torch.bfloat16 and q.requires_grad and q.shape[-2] <= 576:
         return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(-1) @ v  # (B, nh, T, hs)
     return F.scaled_dot_product_attention(q, k, v)  # (B, nh, T, hs), scale 1/sqrt(hs)
@@ -135,7 +134,7 @@ class DiTBlock(nn.Module):
     def forward(self, x, c):
         # the six (N, D) modulation vectors, in the checkpoints' order
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        # DiffFit Algorithm 1: x = x + γ1·attn(...), x = x + γ2·mlp(...). γ and the gate both scale channels, so
+        # DiffFit Algorithm 1: x = x + γ1·gate·attn(...), x = x + γ2·gate·mlp(...). γ and the gate both scale channels, so
         # their (N, D) product is formed first and each residual update is one fused multiply-add over (N, T, D)
         if self.gamma_attn is not None:
             gate_msa = gate_msa * self.gamma_attn
@@ -648,14 +647,14 @@ def read_diffusers_dit(folder):
     return sd, dict(kwargs, class_dropout_prob=0.1)
 
 def write_diffusers_dit(state_dict, config, folder):
-    """A plain DiT state dict (DiffFit's γ merged in: difffit.merge) and its config ({"model": preset, **kwargs} or DiT kwargs)
-    -> folder/config.json + diffusion_pytorch_model.safetensors for DiTTransformer2DModel.from_pretrained and DiTPipeline.
-    DiTPipeline guides all 4 latent channels (DiT: 3), drops the learned variance (its schedulers use a fixed one) and
-    hard-codes the null class 1000 (diffusers issue #13616), so a
-    K < 1000-class table is written with 1001 rows: the K classes, then copies of the null row at K..1000. Labels 0..K-1
-    then sample the classes, 1000 is the null class CFG needs, and an unused id K..999 samples the unconditional model
-    (copies, not zeros: zero rows would be a conditioning the model never saw). K > 1000 is written as is (null row K):
-    the transformer is right, but DiTPipeline's CFG would guide against class 1000; use guidance_scale=1 there."""
+    """A plain DiT state dict (DiffFit's γ merged in: difffit.merge) and its config ({"model": preset, **kwargs} or DiT
+    kwargs) -> folder/config.json + diffusion_pytorch_model.safetensors for DiTTransformer2DModel.from_pretrained and
+    DiTPipeline. DiTPipeline guides all 4 latent channels (DiT: 3), drops the learned variance (its schedulers use a
+    fixed one) and hard-codes the null class 1000 (diffusers issue #13616), so a K < 1000-class table is written with
+    1001 rows: the K classes, then copies of the null row at K..1000. Labels 0..K-1 then sample the classes, 1000 is the
+    null class CFG needs, and an unused id K..999 samples the unconditional model (copies, not zeros: zero rows would be
+    a conditioning the model never saw). K > 1000 is written as is (null row K): the transformer is right, but
+    DiTPipeline's CFG would guide against class 1000; use guidance_scale=1 there."""
     kwargs = {k: v for k, v in config.items() if k != "model"}
     with torch.device("meta"):  # shapes only
         model = DiT_models[config["model"]](**kwargs) if "model" in config else DiT(**kwargs)

@@ -258,8 +258,8 @@ def write_tables(results, names, args):
         cells = [(label, get(d, flags)) for label, d, flags in EXPERIMENTS["fig6"]]
         steps = sorted({s for _, c in cells for r in c if r for s in r["curve"]})
         rows = [[label] + [fmt([r["curve"].get(s, (None,))[0] if r else None for r in c]) for s in steps] for label, c in cells]
-        out["fig6"] = (f"Fig. 6 at toy scale: judge FD on `toy` along training, mean ± sd over {n} seeds (step 0 is the base).\n\n"
-                       + table(["method"] + [f"step {s}" for s in steps], rows))
+        out["fig6"] = (f"Fig. 6 at toy scale: judge FD on `toy` along training, mean ± sd over {n} seeds (step 0 is the base, except for "
+                       f"VPT, whose random prompts change it before it trains).\n\n" + table(["method"] + [f"step {s}" for s in steps], rows))
     return out
 
 # -----------------------------------------------------------------------------

@@ -649,7 +649,7 @@ def main(args, given=None):
             names = [c.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for c in info["names"]]  # folder names need not be UTF-8
             log0(f"classes: {', '.join(f'{i} {c}' for i, c in enumerate(names))}")
         measure = rank == 0 and is_toy and args.eval_per_class and args.ckpt != "scratch"  # the toy: the base is the ceiling
-        if measure and step == 0:
+        if measure and step == 0:  # the model at step 0: the base itself, but for VPT's random prompts (and any γ not started at 1)
             toy_eval(model, {}, args, bf16, "base", run_dir, step, log0)
 
         # Train: one optimizer step = grad_accum micro-batches on every rank.
