@@ -77,6 +77,16 @@ def test_every_method_but_vpt_starts_as_the_base():
         randomize_trained(m, only=("lora_a", "adapter_down"))  # the halves that may start anywhere
         assert torch.equal(m(x, t, y), base) == (method != "vpt-deep"), method
 
+@pytest.mark.parametrize("sequential", [False, True])
+def test_adaptformer_adds_a_tenth_of_its_bottleneck_beside_or_after_the_mlp(sequential):
+    mlp = tiny().blocks[0].mlp
+    adapted = difffit.AdaptedMlp(mlp, 8, sequential)
+    torch.nn.init.normal_(adapted.adapter_up.weight)  # the zero-initialised up-projection would hide the branch
+    x = torch.randn(2, 5, 32)
+    h = mlp(x)
+    a = adapted.adapter_up(torch.relu(adapted.adapter_down(h if sequential else x)))
+    torch.testing.assert_close(adapted(x), h + 0.1 * a)
+
 def test_vpt_deep_prompts_each_of_the_first_blocks():
     m = tiny()
     difffit.apply(m, difffit.make_spec(m, "vpt-deep", 10, new_labels=False))

@@ -167,6 +167,15 @@ def test_a_singular_product_is_regularised_inside_the_root_only(monkeypatch):
     ref = (mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(sqrtm((s1 + eye) @ (s2 + eye)).real)
     assert len(calls) == 2 and d == pytest.approx(ref, rel=1e-9)
 
+def test_a_root_with_a_large_imaginary_part_is_refused_and_a_tiny_one_dropped(monkeypatch):
+    (mu1, s1), (mu2, s2) = random_stats(40, 64, 0), random_stats(30, 64, 1)
+    sqrtm, exact = fid.scipy.linalg.sqrtm, fid.frechet_distance(mu1, s1, mu2, s2)
+    monkeypatch.setattr(fid.scipy.linalg, "sqrtm", lambda a: sqrtm(a) + 1e-5j * np.eye(len(a)))  # round-off: the real part counts
+    assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(exact, rel=1e-12)
+    monkeypatch.setattr(fid.scipy.linalg, "sqrtm", lambda a: sqrtm(a) + 0.5j * np.eye(len(a)))  # not a covariance's root
+    with pytest.raises(ValueError, match="imaginary component 0.5 in sqrtm"):
+        fid.frechet_distance(mu1, s1, mu2, s2)
+
 def test_the_command_line_warns_in_one_line(tmp_path):
     for name, mu in [("a.npz", np.zeros(128)), ("b.npz", np.ones(128))]:
         fid.save_stats(str(tmp_path / name), mu, np.eye(128), mode="toy", num_images=100)

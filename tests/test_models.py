@@ -132,6 +132,14 @@ def test_label_dropout_only_in_train_mode(golden):
     model.train()
     assert torch.equal(model(x, t, y), unconditional)  # every label became the null class
 
+def test_labels_are_dropped_one_time_in_ten_in_training():
+    embedder = DiT(input_size=4, patch_size=2, in_channels=4, hidden_size=8, depth=1, num_heads=1, num_classes=3).y_embedder
+    assert embedder.dropout_prob == 0.1  # DiT's class_dropout_prob, what its CFG was trained with
+    torch.manual_seed(0)
+    table = embedder.embedding_table.weight
+    dropped = (embedder(torch.zeros(20000, dtype=torch.long)) == table[3]).all(1).float().mean().item()
+    assert abs(dropped - 0.1) < 0.01  # 0.1 ± 4.7 standard errors
+
 # -----------------------------------------------------------------------------
 # DiffFit's γ slots
 

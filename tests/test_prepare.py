@@ -4,6 +4,7 @@ latent cache (equivalence with online encoding, fingerprints, resume, ranks, unr
 
     python -m pytest tests/test_prepare.py
 """
+import argparse
 import json
 import os
 import shutil
@@ -77,6 +78,7 @@ def crop_tensor(path, size):
     (130, 70, [("box", (65, 35)), ("box", (32, 17)), ("bicubic", (30, 16)), ("crop", (7, 0))]),  # two halvings, floor of odd sizes
     (40, 90, [("box", (20, 45)), ("bicubic", (16, 36)), ("crop", (0, 10))]),              # portrait
     (24, 20, [("bicubic", (19, 16)), ("crop", (1, 0))]),                                  # no halving, round(19.2) = 19
+    (64, 32, [("box", (32, 16)), ("bicubic", (32, 16)), ("crop", (8, 0))]),               # exactly 2x: halved (>=), then as is
 ])
 def test_center_crop_matches_adm_steps(w, h, steps):
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8))
@@ -228,6 +230,26 @@ def test_cached_latents_match_online_encoding_in_distribution(tmp_path):
     b = prepare.sample_latents(cache, [0, 3, 1], torch.Generator().manual_seed(7))
     assert a.dtype == torch.float32 and a.shape == (3, 4, 2, 2) and torch.equal(a, b)
 
+
+def test_train_reads_the_same_latents_from_the_cache_and_with_no_cache(tmp_path):
+    """train.batches, both ways: the same scale (x0.18215), the same flips and posterior noise, in distribution."""
+    import train
+    folder = str(tmp_path / "pics")
+    for i in range(4):
+        save_image(os.path.join(folder, f"c{i % 2}", f"{i}.png"), 24 + 4 * i, 20 + 3 * i, i)
+    vae = TinyVAE()
+    args = train.parser.parse_args(["--data", folder, "--data-dir", str(tmp_path / "data"), "--image-size", "16", "--vae", "tiny",
+                                    "--num-workers", "0"])
+    prepare.encode_cache(folder, args.data_dir, "train", 16, vae, "tiny", batch_size=2)
+    torch.manual_seed(0)
+    draw = lambda no_cache: torch.cat([x for (x, _), _ in zip(train.batches(argparse.Namespace(**{**vars(args), "no_cache": no_cache}),
+                                                                             {}, 4, 0, vae, False, 0, 1, torch.device("cpu")), range(300))])
+    cached, online = draw(False), draw(True)  # (1200, 4, 2, 2) each
+    assert cached.shape == online.shape == (1200, 4, 2, 2)
+    K = len(cached)
+    se_mean = (cached.var(0) / K + online.var(0) / K).sqrt()
+    assert ((cached.mean(0) - online.mean(0)).abs() <= 5 * se_mean).all()
+    assert ((cached.std(0) / online.std(0) - 1).abs() < 0.15).all()
 
 def test_fingerprint_refuses_other_settings_and_tracks_the_images(tmp_path, monkeypatch):
     folder, root = make_folder(str(tmp_path / "pics")), str(tmp_path / "data")

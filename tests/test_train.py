@@ -65,9 +65,10 @@ def test_results_go_to_the_run_folder_or_to_results_dir_never_beside_a_base(tmp_
     with pytest.raises(ValueError, match="--fid-dir .*set: a new set, but .*set.npz, where its samples would go, is there already"):
         sample.check_args(args("--ckpt", base, "--num-fid-samples", "4", "--fid-dir", str(tmp_path / "set")))
 
-def test_resume_continues_exactly(tmp_path, base):
-    straight = run(tmp_path / "a", base, "--max-steps", "6", "--ckpt-every", "3")
-    interrupted = run(tmp_path / "b", base, "--max-steps", "3", "--ckpt-every", "3")
+@pytest.mark.parametrize("accum", ["1", "2"])
+def test_resume_continues_exactly(tmp_path, base, accum):
+    straight = run(tmp_path / "a", base, "--max-steps", "6", "--ckpt-every", "3", "--grad-accum", accum)
+    interrupted = run(tmp_path / "b", base, "--max-steps", "3", "--ckpt-every", "3", "--grad-accum", accum)
     ckpt = torch.load(os.path.join(interrupted, "ckpt.pt"), weights_only=True)
     del ckpt["args"]["eval_per_class"]  # as if written before that flag existed: it must take its default
     atomic_write(os.path.join(interrupted, "ckpt.pt"), lambda f: torch.save(ckpt, f))
@@ -81,6 +82,15 @@ def test_resume_continues_exactly(tmp_path, base):
         torch.testing.assert_close(b["ema"][k], a["ema"][k], rtol=1e-6, atol=1e-7)
     loss = lambda d: [l.split(",")[1] for l in open(os.path.join(d, "metrics.csv")).read().splitlines()[1:]]
     assert loss(resumed) == loss(straight)  # the loss curve continues, it does not restart
+
+def test_the_logged_loss_is_the_mean_per_image_loss_over_the_interval(tmp_path, base, monkeypatch):
+    """Whatever the micro-batches and the log interval: here every image's loss is 0.25, so every row must say 0.25."""
+    def training_losses(self, model, x, t, model_kwargs):
+        return {"loss": model(x, t, **model_kwargs).float().mean((1, 2, 3)) * 0 + 0.25}  # (n,), with a graph to backpropagate
+    monkeypatch.setattr(train.create_diffusion("").__class__, "training_losses", training_losses)
+    run_dir = run(tmp_path, base, "--max-steps", "4", "--grad-accum", "2", "--log-every", "2", "--eval-per-class", "0")
+    rows = [l.split(",")[:2] for l in open(os.path.join(run_dir, "metrics.csv")).read().splitlines()[1:]]
+    assert rows == [["2", "0.250000"], ["4", "0.250000"]]
 
 def test_crash_during_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
@@ -99,6 +109,15 @@ def test_batches_cover_every_image_once_per_epoch():
     seen = torch.cat([train.batch_indices(i, n, batch, r, world, seed=0) for i in range(5) for r in range(world)])
     assert sorted(seen[:10].tolist()) == list(range(10)) and sorted(seen[10:20].tolist()) == list(range(10))
     assert not torch.equal(seen[:10], seen[10:20])  # a new permutation each epoch
+    assert not torch.equal(train.epoch_order(n, 1, 0), train.epoch_order(n, 0, 1))  # seeds do not share epochs
+
+def test_the_seed_decides_the_noise(tmp_path, base, monkeypatch):
+    order = train.batch_indices
+    monkeypatch.setattr(train, "batch_indices", lambda i, n, batch, rank, world, seed: order(i, n, batch, rank, world, 0))  # same images
+    delta = lambda d: difffit.read_delta(os.path.join(d, "delta.safetensors"))["params"]
+    a, b, c = (delta(run(tmp_path / name, base, "--max-steps", "2", "--seed", seed, "--eval-per-class", "0"))
+               for name, seed in [("a", "0"), ("b", "0"), ("c", "1")])
+    assert all(torch.equal(a[k], b[k]) for k in a) and not all(torch.equal(a[k], c[k]) for k in a)
 
 def test_a_step_reads_the_same_images_however_many_ranks_and_micro_batches_share_it():
     """What lets a run resume on another number of ranks or with another --grad-accum and still see its own batches."""
@@ -121,6 +140,30 @@ def test_a_run_resumes_on_another_number_of_ranks_and_micro_batches(tmp_path, ba
     assert ckpt["step"] == 5 and ckpt["args"]["grad_accum"] == 2 and len(ckpt["rng"]) == 1
     steps = [int(l.split(",")[0]) for l in open(os.path.join(run_dir, "metrics.csv")).read().splitlines()[1:]]
     assert steps == [1, 2, 3, 4, 5]
+
+def test_guidance_pairs_each_label_with_the_null_class(base):
+    """At scale 0 the guided ε is the unconditional one: on a pixel model (ε is 3 channels, all guided) and with DDIM (which
+    ignores the variance) that is sampling the null class; scales below 1 guide too."""
+    model, d = load_model(base).eval(), sample.make_diffusion("ddim", "4")
+    labels, null = [0, 5], [TINY["num_classes"]] * 2
+    unconditional = sample.generate(model, d, null, 1.0, seed=3, sampler="ddim")
+    torch.testing.assert_close(sample.generate(model, d, labels, 0.0, seed=3, sampler="ddim"), unconditional)
+    assert not torch.allclose(sample.generate(model, d, labels, 0.5, seed=3, sampler="ddim"), sample.generate(model, d, labels, 1.0, seed=3, sampler="ddim"))
+
+def test_latent_samples_guide_three_channels_unless_asked_and_round_as_dit():
+    torch.manual_seed(0)
+    model, d = DiT(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=3).eval(), sample.make_diffusion("ddim", "3")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)  # no zero-initialised layers: every channel of ε depends on the label
+    run = lambda **k: sample.generate(model, d, [0, 1], 4.0, seed=1, sampler="ddim", **k)
+    assert torch.equal(run(), run(guide_channels=3)) and not torch.allclose(run(), run(guide_channels=None))  # DiT guides ε[0:3]
+    x = torch.tensor([-1.0, -0.5, 0.0, 0.3, 1.0, 2.0]).view(1, 1, 1, 6).expand(1, 3, 1, 6)
+    assert sample.to_images(x)[0, 0, :, 0].tolist() == [0, 64, 128, 166, 255, 255]  # clamp(127.5 x + 128), truncated, as DiT
+
+def test_ddim_with_a_step_count_takes_adm_even_stride():
+    assert sample.make_diffusion("ddim", "50").timestep_map.tolist() == list(range(0, 1000, 20))
+    assert sample.make_diffusion("ddpm", "50").timestep_map.tolist() != list(range(0, 1000, 20))  # ADM's sections: 0 ... 999
 
 def test_sample_cli_is_deterministic(tmp_path, base):
     run_dir = run(tmp_path, base, "--max-steps", "2")
