@@ -26,7 +26,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import toy
-from files import atomic_write, check_flags, download, load_arrays, load_file, unwritable
+from files import atomic_write, check_flags, download, exit_interrupted, load_arrays, load_file, unwritable
 from prepare import DATASETS, image_files, open_dataset, rgb
 
 # -----------------------------------------------------------------------------
@@ -455,6 +455,6 @@ if __name__ == "__main__":
     try:
         main(parser.parse_args())
     except KeyboardInterrupt:  # Ctrl-C: no traceback
-        sys.exit(130)
+        exit_interrupted()
     except (ValueError, OSError) as e:  # bad input, or a file that cannot be written: one line, exit code 2
         die(str(e))

@@ -64,6 +64,13 @@ def exit_on_sigterm():
         raise Terminated(128 + sig)
     signal.signal(signal.SIGTERM, stop)
 
+def exit_interrupted():
+    """After Ctrl-C and its cleanups, end as killed by SIGINT (as Python does after an uncaught KeyboardInterrupt), so a
+    shell loop around the script stops too."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGINT)
+    sys.exit(130)  # (not reached)
+
 def peer_lost(e):
     """Is the RuntimeError e what torch.distributed raises when a rank lost contact with another, which died? That rank
     has said why; this one need not add a traceback."""

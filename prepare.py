@@ -37,7 +37,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 import toy
-from files import atomic_write, check_flags, exit_on_sigterm, launched_by_torchrun, peer_lost, unwritable
+from files import Terminated, atomic_write, check_flags, exit_interrupted, exit_on_sigterm, launched_by_torchrun, peer_lost, unwritable
 from models import VAE_SCALE, bf16_chosen, load_vae, precision_note
 
 # -----------------------------------------------------------------------------
@@ -430,10 +430,12 @@ if __name__ == "__main__":
     exit_on_sigterm()
     try:
         main(parser.parse_args())
-    except KeyboardInterrupt:  # Ctrl-C: no traceback; the latent cache keeps its finished chunks
+    except (KeyboardInterrupt, Terminated) as e:  # Ctrl-C or SIGTERM: no traceback; the latent cache keeps its finished chunks
         if int(os.environ.get("RANK", 0)) == 0:
             print("stopped: the same command goes on from the chunks of the latent cache already encoded", flush=True)
-        sys.exit(130)
+        if isinstance(e, Terminated):
+            raise
+        exit_interrupted()
     except (ValueError, OSError) as e:  # bad input, a VAE that is missing or cannot be downloaded: one line, exit code 2
         die(str(e))
     except RuntimeError as e:  # under torchrun: another rank failed, and said why

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import difffit
 from diffusion import create_diffusion
-from files import atomic_write, check_flags, exit_on_sigterm, launched_by_torchrun, peer_lost, published, unwritable
+from files import Terminated, atomic_write, check_flags, exit_interrupted, exit_on_sigterm, launched_by_torchrun, peer_lost, published, unwritable
 from models import VAE_SCALE, DiT_models, bf16_chosen, load_model, load_vae, precision_note, raw_config
 
 # the sampler's loop in diffusion.py; every one makes one network call per kept step of the respaced chain
@@ -324,10 +324,12 @@ if __name__ == "__main__":
     args = parser.parse_args()
     try:
         main(args)
-    except KeyboardInterrupt:  # Ctrl-C: no traceback; an FID set or a bank keeps its finished samples
+    except (KeyboardInterrupt, Terminated) as e:  # Ctrl-C or SIGTERM: no traceback; an FID set or a bank keeps its finished samples
         if (args.num_fid_samples or args.num_bank_samples) and int(os.environ.get("RANK", 0)) == 0:
             print("stopped: the finished samples are kept, and the same command goes on from them", flush=True)
-        sys.exit(130)
+        if isinstance(e, Terminated):
+            raise
+        exit_interrupted()
     except (ValueError, OSError) as e:  # bad input, or a folder that cannot be written: one line, exit code 2
         die(str(e))
     except RuntimeError as e:  # under torchrun: another rank failed, and said why

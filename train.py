@@ -23,6 +23,7 @@ import math
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -38,7 +39,8 @@ import fid
 import prepare
 import toy
 from diffusion import create_diffusion
-from files import Terminated, atomic_write, check_flags, exit_on_sigterm, launched_by_torchrun, load_arrays, load_file, peer_lost, published, unwritable
+from files import (Terminated, atomic_write, check_flags, exit_interrupted, exit_on_sigterm, launched_by_torchrun, load_arrays, load_file,
+                   peer_lost, published, unwritable)
 from models import VAE_SCALE, DiT_models, bf16_chosen, load_model, load_vae, precision_note, raw_config, save_model
 from prepare import DATASETS
 from sample import LOOPS, generate, make_diffusion, save_grid, to_images
@@ -633,6 +635,7 @@ def main(args, given=None):
         dist.broadcast_object_list(box, src=0)
         run_dir = box[0]
     saved = ckpt["step"] if ckpt else None  # the step of the checkpoint in run_dir
+    handlers = None  # SIGINT's and SIGTERM's, set aside while a stopped run cleans up
     try:
         metrics = csv.writer(metrics_file) if rank == 0 else None
         def log0(msg):
@@ -730,11 +733,15 @@ def main(args, given=None):
     except OSError as e:  # a full disk, say: one line, not a traceback from inside torch.save (atomic_write kept the old file)
         die(f"could not write in {run_dir} ({e.strerror or e}); {left(run_dir, saved)}" + (f": --resume {run_dir} when there is room" if saved else ""))
     except (KeyboardInterrupt, Terminated):  # Ctrl-C, or SIGTERM from torchrun or a scheduler: say how to go on
+        handlers = [signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)]  # a second one must not cut the cleanup
         print0(f"stopped at step {step}: {left(run_dir, saved)}" + (f"; --resume {run_dir} continues from it" if saved else ""))
         raise
     finally:  # also after a crash, Ctrl-C or a NaN
         if rank == 0:
             close_run(run_dir, log, metrics_file)
+        if handlers:  # as they were: main may run again in this process (tests, study.py)
+            signal.signal(signal.SIGINT, handlers[0])
+            signal.signal(signal.SIGTERM, handlers[1])
     if ddp:
         dist.destroy_process_group()
     return run_dir
@@ -743,8 +750,8 @@ if __name__ == "__main__":
     exit_on_sigterm()
     try:
         main(*parse_given())
-    except KeyboardInterrupt:  # Ctrl-C: main said where the run stands; no traceback
-        sys.exit(130)
+    except KeyboardInterrupt:  # Ctrl-C: main said where the run stands, if it had begun; no traceback
+        exit_interrupted()
     except (ValueError, OSError) as e:  # bad input, or a folder that cannot be written: one line, exit code 2
         die(str(e))
     except RuntimeError as e:  # under torchrun: another rank failed, and said why

@@ -5,6 +5,7 @@ train.py and sample.py end to end on a tiny pixel-space DiT and the toy domain (
 """
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -214,6 +215,7 @@ def test_a_resumed_run_keeps_the_curve_measured_at_its_checkpoint(tmp_path, base
     monkeypatch.setattr(train, "save_samples", killed)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, base, "--max-steps", "4", "--eval-every", "2", "--ckpt-every", "2", "--sample-every", "3")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # set aside during the cleanup only: Ctrl-C works again
     monkeypatch.undo()
     run_dir = train.main(train.parser.parse_args(["--resume", "latest", "--results-dir", str(tmp_path / "results")]))
     log = open(os.path.join(run_dir, "log.txt")).read()
