@@ -154,11 +154,15 @@ def make_spec(model, method="difffit", num_classes=None, gamma_blocks=None, gamm
                 gamma_blocks=gamma_blocks, gamma_qkv=gamma_qkv, gamma_final=gamma_final, base_grid=base_grid,
                 fingerprint=fingerprint(model))
 
+def check_method(spec):
+    """A delta's method must be one this file has."""
+    if spec["method"] not in METHODS:  # a delta of a fork's own method
+        raise ValueError(f"the method {spec['method']!r} is not one this difffit.py has ({', '.join(METHODS)}): use the code that trained it")
+
 def apply(model, spec):
     """Freeze the base, resize the class table to the new dataset, interpolate the position table for a larger grid (§4.3),
     add the method's parameters; returns the names of the parameters that train."""
-    if spec["method"] not in METHODS:  # a delta of a fork's own method
-        raise ValueError(f"the method {spec['method']!r} is not one this difffit.py has ({', '.join(METHODS)}): use the code that trained it")
+    check_method(spec)
     if spec.get("base_grid") and spec["base_grid"] != model.input_size // model.patch_size:
         interpolate_pos_embed(model, spec["base_grid"])
     if spec["new_labels"]:
@@ -264,6 +268,7 @@ def load(delta, base=None):
     """Base + delta -> (model, delta): load the base the delta names (or `base`), check it is the one the delta was
     trained on, redo the surgery, load the trained tensors. `delta` is a path or a delta dict."""
     delta = read_delta(delta) if isinstance(delta, str) else delta
+    check_method(delta["spec"])  # before the base is loaded (or downloaded)
     path = base or base_path(delta["base"])
     if path != "scratch" and not published(path) and not os.path.exists(path):  # published ones download on demand
         raise FileNotFoundError(f"the delta's base {path} is missing: pass --base with the checkpoint it was trained from")
@@ -287,11 +292,11 @@ def apply_delta(model, delta):
 # -----------------------------------------------------------------------------
 # merge: fold γ into the neighbouring linear layers, export a plain DiT state dict
 
-@torch.no_grad()
 def mergeable(model):
     """Whether merge() can fold the method into a plain DiT: not adapters or prompts, modules a plain DiT lacks."""
     return not any(isinstance(m, (AdaptedMlp, PromptedBlock)) for m in model.modules())
 
+@torch.no_grad()
 def merge(model):
     """A state dict in the published key layout with γ and LoRA folded in; loads into a plain DiT(num_classes=K)."""
     if not mergeable(model):

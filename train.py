@@ -88,7 +88,7 @@ parser.add_argument("--compile", action="store_true", help="torch.compile the mo
 parser.add_argument("--seed", type=int, default=0, help="global seed (default: %(default)s)")
 # logging/checkpointing
 parser.add_argument("--results-dir", default="results", help="runs go to results/NNN-<data>-<method> (default: %(default)s)")
-parser.add_argument("--resume", default=None, help="a run folder, or 'latest', to continue from its checkpoint (exactly, on as many ranks as it had)")
+parser.add_argument("--resume", default=None, help="a run folder, or 'latest', to continue from its checkpoint (exactly with its ranks x --grad-accum)")
 parser.add_argument("--log-every", type=int, default=50, help="steps between log lines (default: %(default)s)")
 parser.add_argument("--ckpt-every", type=int, default=500, help="steps between checkpoints (default: %(default)s)")
 parser.add_argument("--sample-every", type=int, default=0, help="steps between EMA sample grids (0: at the end only) (default: %(default)s)")
@@ -191,7 +191,8 @@ def check_args(args, world=1):
         ("--global-batch-size", gbs is None or gbs >= 1, "use at least 1 image per step"),
         ("--grad-accum", args.grad_accum >= 1, "use at least 1 micro-batch per step"),
         ("--global-batch-size", not gbs or gbs % (world * accum) == 0,
-         f"is not divisible by {world} ranks x --grad-accum {args.grad_accum}: use a multiple of {world * accum}"),
+         f"is not divisible by {world} ranks x --grad-accum {args.grad_accum}: " + (f"use a multiple of {world * accum}" if new_run else
+         "resume this run on a number of ranks x --grad-accum that divides it")),
         ("--lr", args.lr is None or (finite(args.lr) and args.lr > 0), "use a positive, finite learning rate (default: 1e-3, full fine-tuning 1e-4)"),
         ("--ema-decay", args.ema_decay is None or 0 <= args.ema_decay < 1, "use a decay in [0, 1) (DiT: 0.9999; at 1 the EMA never leaves the base)"),
         ("--seed", 0 <= args.seed < 2**32, "use a seed in 0 .. 2^32 - 1"),
@@ -215,6 +216,10 @@ def runs(results_dir):
     names = os.listdir(results_dir) if os.path.isdir(results_dir) else []
     return sorted((int(d.split("-")[0]), os.path.join(results_dir, d)) for d in names if "-" in d and d.split("-")[0].isdigit())
 
+def split(ckpt):
+    """(ranks, --grad-accum) that a checkpoint's run trained with."""
+    return len(ckpt["rng"]), ckpt["args"].get("grad_accum", 1)
+
 def resolve_args(args, world=1, given=None):
     """(args, dataset info, checkpoint or None): a resumed run takes its own arguments, the rest default by dataset.
     given: the flags typed (parse_given); without it, those that differ from their defaults."""
@@ -229,6 +234,8 @@ def resolve_args(args, world=1, given=None):
         path = os.path.join(run_dir, "ckpt.pt")
         if not os.path.exists(path):
             raise FileNotFoundError(f"--resume {run_dir}: no ckpt.pt there (runs write one every --ckpt-every steps)")
+        if int(os.environ.get("RANK", 0)) == 0 and os.path.exists(os.path.join(run_dir, "log.txt")):  # a run another job trains
+            locked_log(run_dir, warn=False).close()  # fails now, before its checkpoint (GBs for full) is read; open_run locks for good
         ckpt = load_file(path, "checkpoint")
         if not (isinstance(ckpt, dict) and {"delta", "ema", "opt", "step", "rng", "args"} <= ckpt.keys()):
             raise ValueError(f"checkpoint {path}: not a checkpoint of train.py (it lacks the delta, optimizer, step and args)")
@@ -246,6 +253,9 @@ def resolve_args(args, world=1, given=None):
         base = args.ckpt or difffit.base_path(ckpt["delta"]["base"])
         args = argparse.Namespace(**{**own, "resume": run_dir, "max_steps": args.max_steps or own["max_steps"], "ckpt": base,
                                      "grad_accum": args.grad_accum if "grad_accum" in given else own["grad_accum"]})
+        if args.diff_tuning and split(ckpt) != (world, args.grad_accum):  # its bank's share of a step is rounded per micro-batch
+            raise ValueError(f"--resume {run_dir}: a Diff-Tuning run resumes only on the split it trained with, {'{} x {}'.format(*split(ckpt))} "
+                             f"(ranks x --grad-accum), since its bank's share of each step is rounded per micro-batch")
         if base != "scratch" and not published(base) and not os.path.exists(base):
             raise FileNotFoundError(f"--resume {run_dir}: its base {base} is missing: pass --ckpt with where it is now")
     is_toy = DATASETS.get(args.data, {}).get("toy", False)
@@ -462,13 +472,13 @@ def swapped_in(model, params):
     finally:
         difffit.copy_params(model, backup)
 
-def export(ema, spec, config, args, run_dir):
-    """The run's results: the delta of the EMA tensors and, where the method merges, the plain DiT; says what it wrote."""
+def export(model, ema, spec, config, args, run_dir):
+    """The run's results: the delta of the EMA tensors and, where the model's method merges, the plain DiT; says what it wrote."""
     delta = difffit.make_delta(ema, spec, config, difffit.base_ref(args.ckpt))
     difffit.save_delta(os.path.join(run_dir, "delta.safetensors"), delta)
     wrote = f"{run_dir}/delta.safetensors ({os.path.getsize(os.path.join(run_dir, 'delta.safetensors')) / 1e6:.2f} MB)"
-    merged, _ = difffit.load(delta)  # base + delta in fp32, from the files, as sample.py loads them
-    if difffit.mergeable(merged):  # adapters and prompts are modules a plain DiT lacks: delta only
+    if difffit.mergeable(model):  # adapters and prompts are modules a plain DiT lacks: delta only
+        merged, _ = difffit.load(delta)  # base + delta in fp32, from the files, as sample.py loads them
         save_model(os.path.join(run_dir, "model.safetensors"), difffit.merge(merged), {**config, "num_classes": spec["num_classes"]})
         wrote += f" and {run_dir}/model.safetensors (merged)"
     return wrote
@@ -575,16 +585,14 @@ def main(args, given=None):
     world = int(os.environ.get("WORLD_SIZE", 1)) if ddp else 1
     check_args(args, world)
     args, info, ckpt = resolve_args(args, world, given)
-    was = (len(ckpt["rng"]), ckpt["args"].get("grad_accum", 1)) if ckpt is not None else (world, args.grad_accum)
-    if was != (world, args.grad_accum):  # batch_indices: step s reads images s·B ... (s+1)·B - 1 of the stream, however it is split
-        print0(f"warning: --resume {args.resume}: the run trained on {was[0]} ranks x --grad-accum {was[1]} and goes on with {world} x "
-               f"{args.grad_accum}: the same batches, but noise, timesteps and flips drawn afresh (exact with the same split)")
     is_toy = info.get("toy", False)
     if ckpt is not None and ckpt["step"] >= args.max_steps and finished(args.resume, ckpt):
         print0(f"{args.resume} finished at step {ckpt['step']} and wrote its results: nothing to do (a larger --max-steps trains on)")
         return args.resume
-    if ckpt is not None and int(os.environ.get("RANK", 0)) == 0:  # a run another job trains fails now, not after loading the model
-        locked_log(args.resume, warn=False).close()  # (open_run locks it for good)
+    if ckpt is not None and split(ckpt) != (world, args.grad_accum):  # batch_indices: step s reads images s·B ... (s+1)·B - 1, however split
+        print0(f"warning: --resume {args.resume}: trained as {'{} x {}'.format(*split(ckpt))} (ranks x --grad-accum), now {world} x "
+               f"{args.grad_accum}: the same batches, but random draws (noise, timesteps, flips, label dropout) differ from those of an "
+               f"exact resume, which takes the same split")
     batch = args.global_batch_size // (world * args.grad_accum)
     n_bank = int(args.bank_fraction * batch) if args.diff_tuning else 0  # per rank and micro-step: 0.2 x 32 -> 6 bank + 26 data
 
@@ -725,7 +733,7 @@ def main(args, given=None):
 
         # The results (rank 0): the delta (EMA of the trained tensors), the merged plain DiT, a grid of EMA samples.
         if rank == 0:
-            log0(f"wrote {export(ema, spec, config, args, run_dir)}")
+            log0(f"wrote {export(model, ema, spec, config, args, run_dir)}")
             save_samples(model, ema, args, info["classes"], vae, bf16, os.path.join(run_dir, "samples.png"))
             if measure:  # the toy
                 toy_eval(model, ema, args, bf16, "ema", run_dir, step, log0)

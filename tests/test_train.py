@@ -134,13 +134,18 @@ def test_a_run_resumes_on_another_number_of_ranks_and_micro_batches(tmp_path, ba
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", "--resume", run_dir,
                         "--max-steps", "4"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "trained on 1 ranks x --grad-accum 1 and goes on with 2 x 1: the same batches" in r.stdout and "replicas in sync" in r.stdout
+    assert "trained as 1 x 1 (ranks x --grad-accum), now 2 x 1: the same batches" in r.stdout and "replicas in sync" in r.stdout
     assert len(torch.load(os.path.join(run_dir, "ckpt.pt"), weights_only=True)["rng"]) == 2
     train.main(train.parser.parse_args(["--resume", run_dir, "--max-steps", "5", "--grad-accum", "2"]))  # back on one, in 2 micro-batches
     ckpt = torch.load(os.path.join(run_dir, "ckpt.pt"), weights_only=True)
     assert ckpt["step"] == 5 and ckpt["args"]["grad_accum"] == 2 and len(ckpt["rng"]) == 1
     steps = [int(l.split(",")[0]) for l in open(os.path.join(run_dir, "metrics.csv")).read().splitlines()[1:]]
     assert steps == [1, 2, 3, 4, 5]
+
+def test_a_resume_on_ranks_that_do_not_divide_its_batch_says_what_to_change(tmp_path):
+    args = train.parser.parse_args(["--resume", str(tmp_path), "--global-batch-size", "4"])  # the batch is the run's own
+    with pytest.raises(ValueError, match="not divisible by 3 ranks x --grad-accum 1: resume this run on a number of ranks x --grad-accum that"):
+        train.check_args(args, 3)
 
 def test_guidance_pairs_each_label_with_the_null_class(base):
     """At scale 0 the guided ε is the unconditional one: on a pixel model (ε is 3 channels, all guided) and with DDIM (which
@@ -465,6 +470,11 @@ def test_diff_tuning_without_bank_share_or_tau_is_plain_training(tmp_path, base,
         assert torch.equal(a["delta"]["params"][k], b["delta"]["params"][k]) and torch.equal(a["ema"][k], b["ema"][k]), k
     loss = lambda d: [l.split(",")[1] for l in open(os.path.join(d, "metrics.csv")).read().splitlines()[1:]]
     assert loss(plain) == loss(dt)
+
+def test_a_diff_tuning_run_resumes_only_on_its_own_split(tmp_path, base, bank):
+    run_dir = run(tmp_path, base, "--max-steps", "2", "--global-batch-size", "8", "--diff-tuning", bank, "--eval-per-class", "0")
+    with pytest.raises(ValueError, match=r"a Diff-Tuning run resumes only on the split it trained with, 1 x 1 \(ranks x --grad-accum\)"):
+        train.main(train.parser.parse_args(["--resume", run_dir, "--max-steps", "3", "--grad-accum", "2"]))  # 2 bank + 6 data -> 1 + 3 twice
 
 def test_diff_tuning_mixes_the_bank_into_each_batch(tmp_path, base, bank, monkeypatch):
     """Batch 10 = 8 data + 2 bank samples with the null label; loss = mean(data) + 0.1 mean(bank)."""
