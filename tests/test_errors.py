@@ -468,7 +468,8 @@ def test_killed_run_resumes_with_logs_as_if_nothing_had_happened(tmp_path, base)
 def stop_while_training(script, flags, ready, sig):
     """Run a script in its own process until ready() holds, send it sig: (exit code, stdout, stderr)."""
     p = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *flags], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal, also when pytest runs in the background
     deadline = time.time() + 240
     while time.time() < deadline and not ready():
         time.sleep(0.1)

@@ -218,9 +218,13 @@ def test_a_resumed_run_keeps_the_curve_measured_at_its_checkpoint(tmp_path, base
     def killed(*a, **k):
         raise KeyboardInterrupt  # after the checkpoint at step 2, at step 3's grid
     monkeypatch.setattr(train, "save_samples", killed)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path, base, "--max-steps", "4", "--eval-every", "2", "--ckpt-every", "2", "--sample-every", "3")
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # set aside during the cleanup only: Ctrl-C works again
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (a background job starts with SIG_IGN)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run(tmp_path, base, "--max-steps", "4", "--eval-every", "2", "--ckpt-every", "2", "--sample-every", "3")
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # set aside during the cleanup only: Ctrl-C works again
+    finally:
+        signal.signal(signal.SIGINT, before)
     monkeypatch.undo()
     run_dir = train.main(train.parser.parse_args(["--resume", "latest", "--results-dir", str(tmp_path / "results")]))
     log = open(os.path.join(run_dir, "log.txt")).read()
