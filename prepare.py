@@ -428,10 +428,11 @@ def main(args):
 
 if __name__ == "__main__":
     exit_on_sigterm()
+    args = parser.parse_args()
     try:
-        main(parser.parse_args())
+        main(args)
     except (KeyboardInterrupt, Terminated) as e:  # Ctrl-C or SIGTERM: no traceback; the latent cache keeps its finished chunks
-        if int(os.environ.get("RANK", 0)) == 0:
+        if not args.export and int(os.environ.get("RANK", 0)) == 0:
             print("stopped: the same command goes on from the chunks of the latent cache already encoded", flush=True)
         if isinstance(e, Terminated):
             raise

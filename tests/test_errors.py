@@ -508,6 +508,12 @@ def test_ctrl_c_during_an_fid_set_keeps_its_samples_and_says_so(tmp_path, base):
     assert "stopped: the finished samples are kept, and the same command goes on from them" in stdout
     assert (out / "000000.png").exists() and not list(out.glob("*.tmp"))
 
+def test_ctrl_c_during_an_export_of_toy_images_is_quiet(tmp_path):
+    out = tmp_path / "imgs"
+    rc, stdout, err = stop_while_training("prepare.py", ["--data", "toy-source", "--export", str(out)], lambda: any(out.rglob("*.png")), signal.SIGINT)
+    assert rc == -signal.SIGINT and "Traceback" not in err, err[-2000:]
+    assert "latent cache" not in stdout  # there is none: the line is for an interrupted encode
+
 def test_a_run_that_is_training_cannot_be_resumed_by_a_second_job(tmp_path, base, monkeypatch):
     run_dir = train.main(run_args(base, tmp_path / "results", "--max-steps", "2"))
     def create_model(*a):
