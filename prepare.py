@@ -41,11 +41,10 @@ from files import Terminated, atomic_write, check_flags, exit_interrupted, exit_
 from models import VAE_SCALE, bf16_chosen, load_vae, precision_note
 
 # -----------------------------------------------------------------------------
-parser = argparse.ArgumentParser(description="Encode a dataset once into a memory-mapped VAE latent cache (python or torchrun).")
+parser = argparse.ArgumentParser(description="Encode a dataset's train split once into a memory-mapped VAE latent cache (python or torchrun).")
 # data
 parser.add_argument("--data", default="food101", help="a name in DATASETS or the path of an image folder <class>/<image> (default: %(default)s)")
 parser.add_argument("--data-dir", default="data", help="datasets live in <data-dir>/<name>/, and so do their caches (default: %(default)s)")
-parser.add_argument("--split", default="train", help="which split to encode (default: %(default)s)")
 parser.add_argument("--image-size", type=int, default=256, help="centre-crop resolution, a multiple of 8 (paper: 256; §4.3: 512) (default: %(default)s)")
 parser.add_argument("--download", action="store_true", help="let torchvision download the dataset if it is missing")
 parser.add_argument("--export", default=None, metavar="DIR", help="a toy domain: write its real images as DIR/{train,test}/<class>/<n>.png instead")
@@ -346,7 +345,7 @@ def open_cache(name, root, split, image_size, vae_name):
     base = cache_base(name, root, split, image_size, vae_name)
     if not os.path.exists(base + ".json"):
         raise FileNotFoundError(f"no latent cache for {name} ({split}, {image_size} px, vae {vae_name}) at {base}.npy: "
-                                f"run `torchrun --nproc_per_node=8 prepare.py --data {name} --split {split} --image-size {image_size} --vae {vae_name}` first")
+                                f"run `torchrun --nproc_per_node=8 prepare.py --data {name} --image-size {image_size} --vae {vae_name}` first")
     with open(base + ".json") as f:
         meta = json.load(f)
     want = cache_settings(name, split, image_size, vae_name)
@@ -409,7 +408,7 @@ def main(args):
     # Find (or download, on rank 0 only) the dataset before loading the VAE, so a missing one fails fast.
     group = waiting_group() if ddp else None
     if rank == 0:
-        open_dataset(args.data, args.data_dir, args.split, args.image_size, download=args.download)
+        open_dataset(args.data, args.data_dir, "train", args.image_size, download=args.download)  # train.py reads the train split's cache
     if group:
         dist.barrier(group=group)
         dist.destroy_process_group(group)
@@ -419,7 +418,7 @@ def main(args):
     bf16 = bf16_chosen(args.precision, device)
     if rank == 0:
         print(precision_note(args.precision, device), flush=True)
-    path = encode_cache(args.data, args.data_dir, args.split, args.image_size, vae, args.vae, args.batch_size,
+    path = encode_cache(args.data, args.data_dir, "train", args.image_size, vae, args.vae, args.batch_size,
                         rank, world, device, num_workers=args.num_workers, bf16=bf16)
     if rank == 0:
         print(f"done: {path}")
