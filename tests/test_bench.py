@@ -79,18 +79,21 @@ def table(out):
         rows[" ".join(words[:first])] = words[first:]
     return rows
 
-def test_training_table(tiny, capsys):
+def test_training_table_rows_agree_with_their_step_times(tiny, capsys):
     bench.main(tiny("--methods", "full,difffit", "--precision", "fp32"))
     out = capsys.readouterr().out
     assert out.splitlines()[0].endswith("--precision fp32: fp32 on cpu" + ("" if models.native_bf16(torch.device("cpu")) else " (no native bf16 here)"))
     rows = table(out)
     assert list(rows) == ["ref full", "ref difffit", "full", "difffit"]
-    assert rows["ref full"][2] == rows["ref difffit"][2] == "1.00x"  # each reference is its own baseline
-    assert rows["full"][3] == "1.00" and float(rows["difffit"][3]) > 0  # step time vs our full fine-tuning
-    assert float(rows["difffit"][1]) > 0 and float(rows["difffit"][5].rstrip("%")) >= 0
+    img_s = {row: float(r[1]) for row, r in rows.items()}  # the most digits of a row's time: batch 2 / (s/step)
+    for row, r in rows.items():
+        assert abs(2 / img_s[row] - float(r[0])) <= 6e-4, row  # s/step, printed to 1 ms
+    for row, ref, full in [("full", "ref full", "full"), ("difffit", "ref difffit", "full")]:  # vs ref: the reference's time / ours
+        assert float(rows[row][2].rstrip("x")) == pytest.approx(img_s[row] / img_s[ref], rel=2e-3, abs=6e-3), row
+        assert float(rows[row][3]) == pytest.approx(img_s[full] / img_s[row], rel=2e-3, abs=6e-3), row  # vs full: ours / full's
 
 @pytest.mark.parametrize("native", [True, False])
-def test_sampling_table(tiny, capsys, monkeypatch, native):
+def test_sampling_table_has_a_row_per_sampler_and_precision(tiny, capsys, monkeypatch, native):
     monkeypatch.setattr(models, "native_bf16", lambda device: native)
     bench.main(tiny("--what", "sample", "--samplers", "ddpm3,sde-dpm++3", "--ref-steps", "3", "--precision", "both"))
     out, err = capsys.readouterr()
@@ -104,9 +107,38 @@ def test_sampling_flops_count_the_cfg_batch_only_when_guided(tiny):
     guided, plain = (bench.sample_flops(tiny("--what", "sample", "--cfg-scale", c), "sample ddpm3") for c in ("4", "1"))
     assert plain > 0 and guided == 2 * plain
 
-def test_memory_child_reports_its_peak(tiny, capsys):
-    bench.main(tiny("--child", "difffit"))
-    assert int(capsys.readouterr().out.split()[-1]) > 2**20  # bytes; at least the interpreter
+@pytest.mark.parametrize("row", ["difffit", "difffit bf16"])
+def test_memory_child_runs_its_steps_then_reports_its_peak_in_bytes(tiny, capsys, monkeypatch, row):
+    """A --what memory child: warm-up + timed steps of its one row, then its peak RSS (ru_maxrss is in KiB on Linux)."""
+    import resource
+    calls, trainer = [], bench.trainer
+    def counting(*a):
+        step = trainer(*a)
+        return lambda *b: calls.append(1) or step(*b)
+    monkeypatch.setattr(bench, "trainer", counting)
+    bench.main(tiny("--child", row, "--warmup", "2", "--iters", "3"))
+    peak = int(capsys.readouterr().out.split()[-1])
+    assert len(calls) == 5
+    assert 0.9 * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 <= peak <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+def test_memory_table_runs_a_child_per_row_and_divides_their_peaks(tiny, capsys, monkeypatch):
+    """--what memory: each row's peak from a `--child ROW` process of the same command, and the ratios of those peaks."""
+    import sys
+    from types import SimpleNamespace
+    peaks = {"ref full": 4.0, "ref difffit": 3.0, "full": 4.5, "difffit": 1.5}  # GiB, as the children would print them in bytes
+    def run(cmd, **kw):
+        assert cmd[:2] == [sys.executable, bench.__file__] and cmd[-2] == "--child" and cmd[2:-2] == sys.argv[1:]
+        return SimpleNamespace(returncode=0, stdout=f"noise\n{int(peaks[cmd[-1]] * 2**30)}\n", stderr="")
+    monkeypatch.setattr(bench.subprocess, "run", run)
+    bench.main(tiny("--what", "memory", "--methods", "full,difffit", "--precision", "fp32"))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["row", "peak", "GB", "vs", "ref", "vs", "full"]
+    rows = {" ".join(w[:-3]): w[-3:] for w in map(str.split, lines[2:])}
+    assert rows == {"ref full": ["4.00", "1.00", "1.00"], "ref difffit": ["3.00", "1.00", "0.75"],
+                    "full": ["4.50", "1.12", "1.00"], "difffit": ["1.50", "0.50", "0.33"]}
+    monkeypatch.setattr(bench.subprocess, "run", lambda cmd, **kw: SimpleNamespace(returncode=1, stdout="", stderr="MemoryError"))
+    with pytest.raises(SystemExit, match="ref full failed:\nMemoryError"):  # a row that fails says which, with its error
+        bench.main(tiny("--what", "memory", "--methods", "full,difffit", "--precision", "fp32"))
 
 def test_training_table_in_bf16_on_any_cpu(tiny, capsys):
     """The rows every GPU runs: bf16 autocast with frozen weights stored in bf16, and their FLOP count (meta device)."""
@@ -118,7 +150,3 @@ def test_training_table_in_bf16_on_any_cpu(tiny, capsys):
     assert float(rows["difffit bf16"][5].rstrip("%")) >= 0  # a rate was printed (a tiny model on a CPU without bf16 rounds to 0.000)
     flops = bench.train_flops("difffit bf16", tiny())  # counted on the meta device, where autocast does not run
     assert flops > 0 and flops == bench.train_flops("difffit", tiny())  # same work in either precision
-
-def test_bf16_memory_child_reports_its_peak(tiny, capsys):
-    bench.main(tiny("--child", "difffit bf16"))
-    assert int(capsys.readouterr().out.split()[-1]) > 2**20

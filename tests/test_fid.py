@@ -225,7 +225,7 @@ def test_folder_is_read_recursively_with_any_case_of_extension(tmp_path):
     decoded = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in files])
     assert np.allclose(fid.get_features(files, "toy", batch_size=2), toy.judge_features(decoded)[0], rtol=1e-5, atol=1e-6)  # batches of 2 vs 5
 
-def test_npz_formats(tmp_path, capsys):
+def test_a_samples_npz_gives_the_statistics_of_its_png_folder_and_stats_files_hold_no_pickle(tmp_path, capsys):
     images = toy_images(100, 0, "toy")
     # a samples .npz as sample.py and the ADM evaluator write it (arr_0: uint8 N,H,W,3) gives the same statistics as the
     # same images as a PNG folder; a statistics file is float64 mu/sigma + metadata as 0-d arrays, no pickle
@@ -294,13 +294,17 @@ def test_download_is_atomic_and_checked(tmp_path):
 
 def test_toy_mode_reads_the_classes_of_a_sample_set(tmp_path, capsys):
     """A sample set as sample.py writes it (sample i has class i mod K), as .npz and as its PNG folder: the judge's head
-    reads its classes. Real test images are in that order, so they read at 100%; shifted by one class, at 0%."""
-    images = toy_images(80, 0, "toy")
+    reads its classes. Real test images are in that order, so they read as the judge reads them with their own labels;
+    shifted by one class, as it reads them against the labels of their neighbours."""
+    images, labels = (v[:80].numpy() for v in toy.load("toy", "test"))
+    assert labels.tolist() == [i % 8 for i in range(80)]
+    right, shifted = (toy.accuracy(toy.judge_features(x)[1], labels, "toy") for x in (images, np.roll(images, 1, axis=0)))
+    assert right > 0.9 and shifted < 0.1  # the set's order matters to the measure
     np.savez(tmp_path / "right.npz", arr_0=images)
     np.savez(tmp_path / "shifted.npz", arr_0=np.roll(images, 1, axis=0))
     os.makedirs(tmp_path / "pngs")
     for i, img in enumerate(images):
         Image.fromarray(img).save(tmp_path / "pngs" / f"{i:06d}.png")
-    for name, acc in [("right.npz", "100.0%"), ("shifted.npz", "0.0%"), ("pngs", "100.0%")]:
+    for name, acc in [("right.npz", f"{right:.1%}"), ("shifted.npz", f"{shifted:.1%}"), ("pngs", f"{right:.1%}")]:
         run_main(str(tmp_path / name), "--ref", "toy", "--split", "test", "--mode", "toy")
         assert f"{tmp_path / name}: toy judge class accuracy {acc} (sample i has class i mod 8" in capsys.readouterr().out

@@ -269,12 +269,16 @@ def test_grid_shows_small_images_larger_and_keeps_every_pixel(tmp_path, size, sc
     assert torch.equal(third[::scale, ::scale], images[2]) and torch.equal(third, images[2].repeat_interleave(scale, 0).repeat_interleave(scale, 1))
     assert (grid[s + 2:s + 4] == 255).all() and (grid[s + 4:, s + 4:] == 255).all()  # white gaps and the empty cell
 
-def test_fid_sample_set_is_balanced_and_resumable(tmp_path, base):
+def test_fid_sample_set_is_balanced_and_resumable(tmp_path, base, monkeypatch):
     model = load_model(base).eval()
     args = sample.parser.parse_args(["--num-fid-samples", "10", "--batch-size", "4", "--steps", "2", "--cfg-scale", "1"])
     out = str(tmp_path / "fid")
+    drawn, generate = [], sample.generate  # the labels of every batch drawn
+    monkeypatch.setattr(sample, "generate", lambda model, diffusion, labels, *a: drawn.extend(labels) or generate(model, diffusion, labels, *a))
     sample.claim(out, sample.sample_settings(args, base, False), "--fid-dir")  # as main does: its settings.json
     sample.write_fid_samples(model, sample.create_diffusion("2"), args, None, out, 0, 1)
+    k = model.num_classes
+    assert k < 10 and drawn == [i % k for i in range(10)]  # sample i is of class i mod K: every class as often, within one
     import numpy as np
     arr = np.load(out + ".npz")["arr_0"]
     assert arr.shape == (10, 32, 32, 3) and arr.dtype == np.uint8
@@ -285,7 +289,9 @@ def test_fid_sample_set_is_balanced_and_resumable(tmp_path, base):
     shutil.copy(tmp_path / "fid" / "000004.png", tmp_path / "fid" / "grid.png")  # another PNG in the folder does not make up for it
     with pytest.raises(ValueError, match="are missing"):
         fid.images_of(out, None)
+    drawn.clear()
     sample.write_fid_samples(model, sample.create_diffusion("2"), args, None, out, 0, 1)
+    assert drawn == [i % k for i in range(4, 8)]  # only the batch that lost a sample is drawn again
     assert (tmp_path / "fid" / "000005.png").read_bytes() == first
     assert len(fid.images_of(out, None)) == 10  # the set's samples, without the stray grid.png
 
@@ -445,6 +451,11 @@ def test_every_method_trains_and_samples_from_its_delta(tmp_path, base, method):
     run_dir = run(tmp_path, base, "--max-steps", "2", "--method", method)
     delta = difffit.read_delta(os.path.join(run_dir, "delta.safetensors"))
     assert delta["spec"]["method"] == method
+    ckpt = torch.load(os.path.join(run_dir, "ckpt.pt"), weights_only=True)
+    start = load_model(base)
+    difffit.apply(start, ckpt["delta"]["spec"])  # the method's tensors as they were at step 0
+    for k, v in difffit.trainable_state_dict(start).items():  # every one trained (LoRA's A and an adapter's down-projection from step 2)
+        assert not torch.equal(ckpt["delta"]["params"][k], v), k
     assert os.path.exists(os.path.join(run_dir, "model.safetensors")) == (method in ("bitfit", "lora-r8"))  # not adapters or prompts
     r = cli("sample.py", "--delta", os.path.join(run_dir, "delta.safetensors"), "--steps", "2", "--classes", "0,1", "--out", str(tmp_path / "s.png"))
     assert r.returncode == 0 and os.path.exists(tmp_path / "s.png"), r.stderr
