@@ -37,6 +37,8 @@ def check_flags(args, rules):
 
 def unwritable(folder):
     """Why files cannot be made in `folder` (created if missing), or None: asked before a run, not found out after it."""
+    if not folder:
+        return "an empty path"
     p = os.path.abspath(folder)
     while not os.path.exists(p):
         p = os.path.dirname(p)
@@ -84,6 +86,11 @@ def launched_by_torchrun():
     if missing:
         raise ValueError(f"RANK is set, so this process would be one of a torchrun launch, but {', '.join(missing)} "
                          f"{'is' if len(missing) == 1 else 'are'} not: launch it with torchrun, or unset RANK")
+    n = {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    bad = next((k for k, v in n.items() if not v.isdigit()), None)  # a wrong one would hang in init_process_group
+    if bad or not int(n["RANK"]) < int(n["WORLD_SIZE"]) or not int(n["LOCAL_RANK"]) <= int(n["RANK"]):
+        raise ValueError(f"{bad or 'RANK'}={n[bad or 'RANK']} with WORLD_SIZE={n['WORLD_SIZE']}, LOCAL_RANK={n['LOCAL_RANK']}: torchrun sets "
+                         f"0 <= LOCAL_RANK <= RANK < WORLD_SIZE; launch it with torchrun, or unset RANK")
     return True
 
 def atomic_write(path, write):

@@ -5,10 +5,12 @@ files.py: the safetensors writer and reader against the safetensors package, and
     python -m pytest tests/test_files.py
 """
 import os
+import re
 
 import pytest
 import torch
 
+import files
 from files import read_safetensors, write_safetensors
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -61,3 +63,16 @@ def test_damaged_safetensors_give_one_clear_error(tmp_path, damage, needle):
     with pytest.raises(ValueError, match=needle) as e:
         read_safetensors(path)
     assert path in str(e.value) and "\n" not in str(e.value)
+
+@pytest.mark.parametrize("rank, world, local, bad", [("0", "0", "0", "RANK=0 with WORLD_SIZE=0"), ("3", "2", "0", "RANK=3 with WORLD_SIZE=2"),
+                                                     ("abc", "1", "0", "RANK=abc"), ("0", "2", "1", "RANK=0 with WORLD_SIZE=2, LOCAL_RANK=1"),
+                                                     ("1", "x", "0", "WORLD_SIZE=x"), ("1", "2", "1", None)])
+def test_torchrun_variables_that_cannot_be_a_launch_are_one_line_not_a_hang(monkeypatch, rank, world, local, bad):
+    """RANK >= WORLD_SIZE would wait for ranks that never come (and ignore SIGTERM while it waits); WORLD_SIZE=0 divides by 0."""
+    for k, v in dict(RANK=rank, WORLD_SIZE=world, LOCAL_RANK=local, MASTER_ADDR="127.0.0.1", MASTER_PORT="29500").items():
+        monkeypatch.setenv(k, v)
+    if bad is None:
+        assert files.launched_by_torchrun()
+    else:
+        with pytest.raises(ValueError, match=f"^{re.escape(bad)}.*torchrun sets 0 <= LOCAL_RANK <= RANK < WORLD_SIZE"):
+            files.launched_by_torchrun()
