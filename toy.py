@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from files import atomic_write, check_flags, unwritable
+from files import atomic_write, check_flags, load_file, unwritable
 
 # -----------------------------------------------------------------------------
 # the parts, and which (shape, fill) pairs each domain's classes are
@@ -231,7 +231,10 @@ class Judge(nn.Module):
         return f, self.head(f)
 
 def _to_input(images):
-    """uint8 (N, H, W, 3), H a multiple of 32 -> float (N, 3, 32, 32) in [-1, 1]; 64x64 is area-downsampled (2x2 means)."""
+    """uint8 (N, S, S, 3), S 32 or 64 -> float (N, 3, 32, 32) in [-1, 1]; 64x64 is area-downsampled (2x2 means)."""
+    if len(images) and (images.shape[1] != images.shape[2] or images.shape[1] not in (32, 64)):  # as the toy domains draw them
+        raise ValueError(f"the toy judge reads the toy domains' 32 or 64 px square images, not {images.shape[2]}x{images.shape[1]}: "
+                         f"measure samples (an FID set), not grids")
     x = torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
     if x.shape[-1] != 32:
         x = F.adaptive_avg_pool2d(x, 32)                             # exact 2x2 block means for 64 -> 32
@@ -241,7 +244,10 @@ def _to_input(images):
 def load_judge(path=JUDGE_PATH):
     if not os.path.exists(path):
         raise FileNotFoundError(f"no toy judge at {path}: train it with `python toy.py --train-judge`")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = load_file(path, "toy judge")
+    except ValueError as e:  # the shipped one is in git
+        raise ValueError(f"{e}: `git checkout assets/toy_judge.pt` restores the shipped judge, `python toy.py --train-judge` remakes it") from None
     with torch.random.fork_rng():  # its random init is overwritten: a training run must not see it use up random numbers
         net = Judge(**ckpt["config"])
     net.load_state_dict(ckpt["model"])
@@ -265,8 +271,9 @@ def accuracy(logits, labels, domain):
     `toy` class has a shape of its own there, so a triangle drawn with a source class's fill would count as right."""
     return float((logits.argmax(1) == torch.as_tensor(labels) + DOMAINS[domain]["head"][0]).float().mean())
 
-def train_judge(path=JUDGE_PATH, steps=3000, batch_size=128, lr=2e-3, seed=0):
-    """Train the judge on the real train images of every domain (classes weighted equally), write path; returns the net."""
+def train_judge(path=JUDGE_PATH, steps=3000, batch_size=128, lr=2e-3, seed=0, min_accuracy=0.99):
+    """Train the judge on the real train images of every domain (classes weighted equally), write path if it reads the
+    real test images of each at min_accuracy or better; returns the net."""
     torch.manual_seed(seed)
     xs, ys = [], []
     for domain, info in DOMAINS.items():
@@ -298,13 +305,19 @@ def train_judge(path=JUDGE_PATH, steps=3000, batch_size=128, lr=2e-3, seed=0):
         if step % 250 == 0 or step == steps - 1:
             print(f"step {step:5d}/{steps} | loss {loss.item():.4f} | {time.time() - t0:.0f} s", flush=True)
     net.eval()
+    worst = 1.0
+    for domain in DOMAINS:
+        images, labels = load(domain, "test")
+        acc = accuracy(judge_features(images, net)[1], labels, domain)
+        worst = min(worst, acc)
+        print(f"{domain:<11} real test accuracy {acc:.2%}", flush=True)
+    if worst < min_accuracy:  # every toy measure trusts this file: a half-trained judge must not replace a good one
+        raise ValueError(f"the judge reads real test images at {worst:.1%} in its worst domain (under {min_accuracy:.0%}): {path} "
+                         f"left as it was; train longer (--judge-steps, default 3000)")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     ckpt = {"config": dict(width=32, num_classes=JUDGE_CLASSES), "model": net.state_dict()}
     atomic_write(path, lambda f: torch.save(ckpt, f))  # the shipped judge stays whole if this run dies while writing
     load_judge.cache_clear()
-    for domain in DOMAINS:
-        images, labels = load(domain, "test")
-        print(f"{domain:<11} real test accuracy {accuracy(judge_features(images, net)[1], labels, domain):.2%}", flush=True)
     print(f"wrote {path} ({os.path.getsize(path) / 1e6:.2f} MB)")
     return net
 

@@ -194,3 +194,16 @@ def test_show_writes_a_png_grid_into_a_new_folder(tmp_path):
     assert Image.open(out).format == "PNG" and Image.open(out).size == (8 * s, info["classes"] * s)
     assert np.array_equal(np.array(Image.open(out))[:s:4, :s:4], toy.load("toy", "train")[0][0].numpy())  # the first image, each pixel a 4x4 block
     assert os.listdir(tmp_path / "new") == ["x.png"]  # atomic_write left no .tmp behind
+
+def test_a_judge_that_reads_real_images_badly_is_not_written(tmp_path):
+    """Every toy measure trusts assets/toy_judge.pt: 3 training steps must not replace it (the check is on real test images)."""
+    path = tmp_path / "judge.pt"
+    with pytest.raises(ValueError, match=r"the judge reads real test images at \d+\.\d% in its worst domain \(under 99%\).*left as it was"):
+        toy.train_judge(path=str(path), steps=3)
+    assert not path.exists()
+
+def test_a_damaged_judge_is_one_line_that_says_how_to_restore_it(tmp_path):
+    path = tmp_path / "judge.pt"
+    path.write_bytes(open(toy.JUDGE_PATH, "rb").read()[:1000])
+    with pytest.raises(ValueError, match=r"toy judge .*judge.pt: unreadable, truncated.*git checkout assets/toy_judge.pt"):
+        toy.load_judge(str(path))
