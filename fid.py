@@ -273,6 +273,7 @@ def save_stats(path, mu, sigma, **meta):
     if os.path.exists(path):
         raise ValueError(f"{path} exists; not overwriting it")
     arrays = dict(mu=np.float64(mu), sigma=np.float64(sigma), **{k: np.array(v) for k, v in meta.items()})
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # main checked that it can be made
     atomic_write(str(path), lambda f: np.savez_compressed(f, **arrays))
 
 def load_stats(path):

@@ -142,10 +142,11 @@ def parse_blocks(text):
         raise ValueError(f"--gamma-blocks {text}: an empty range: put the first block first ({b}-{a})")
     return list(range(int(a), int(b or a) + 1))
 
-def check_args(args, world=1):
-    """Every flag, before anything is loaded, downloaded or created; main runs it on the flags as given, then on the
-    settings that a resumed run or the dataset's defaults fill in. Raises ValueError('--flag value: why; what to do')."""
+def check_args(args, world=1, first=False):
+    """Every flag, before anything is loaded, downloaded or created; main runs it on the flags as given (first), then on
+    the settings that a resumed run or the dataset's defaults fill in. Raises ValueError('--flag value: why; what to do')."""
     is_toy = DATASETS.get(args.data, {}).get("toy", False)
+    unknown = first and args.resume is not None  # a resumed run's data is its own, not --data's default: its checks wait
     finite = lambda v: v is None or math.isfinite(v)
     given = lambda k: getattr(args, k) != parser.get_default(k)
     gbs, accum = args.global_batch_size, max(args.grad_accum, 1)
@@ -155,18 +156,21 @@ def check_args(args, world=1):
     parse_blocks(args.gamma_blocks)
     if args.data not in DATASETS and os.path.isdir(args.data) and not args.no_cache:
         prepare.dataset_dir(args.data, args.data_dir)  # raises for a --data-dir inside the folder, where the cache would go
+    patch = int(args.model.split("/")[1])  # DiT-S/8 -> 8: what --ckpt scratch builds
     only_difffit = "only --method difffit has γ: drop the flag, or use --method difffit"
     only_dt = "only Diff-Tuning uses it: add --diff-tuning BANK, or drop the flag"
     check_flags(args, [
         # data and model
         ("--data", args.data in DATASETS or os.path.isdir(args.data), f"not a dataset ({', '.join(DATASETS)}) nor an image folder <class>/<image>"),
-        ("--image-size", args.image_size is None or not is_toy or args.image_size == DATASETS[args.data]["size"],
+        ("--image-size", args.image_size is None or unknown or not is_toy or args.image_size == DATASETS[args.data]["size"],
          f"the toy domain {args.data} is {DATASETS.get(args.data, {}).get('size')} pixels square: drop --image-size"),
-        ("--image-size", args.image_size is None or is_toy or (args.image_size >= 8 and args.image_size % 8 == 0),
-         "the VAE needs a positive multiple of 8 (the paper: 256, or 512 in §4.3)"),
-        ("--no-cache", not (is_toy and args.no_cache), "the toy data is made in memory and has no cache: drop --no-cache"),
-        ("--vae", not (is_toy and given("vae")), "the toy data is pixels, no VAE encodes it: drop --vae"),
-        ("--vae", is_toy or args.vae in ("ema", "mse") or os.path.exists(args.vae), "no such file: use ema, mse or the path of an SD VAE file"),
+        ("--image-size", args.image_size is None or is_toy or (8 <= args.image_size <= 2048 and args.image_size % 8 == 0),
+         "the VAE needs a multiple of 8, at most 2048 (the paper: 256, or 512 in §4.3)"),
+        ("--image-size", args.image_size is None or args.ckpt != "scratch" or is_toy or args.image_size // 8 % patch == 0,
+         f"{args.model}'s patches are {patch} latent pixels wide: use a multiple of {8 * patch}"),
+        ("--no-cache", unknown or not (is_toy and args.no_cache), "the toy data is made in memory and has no cache: drop --no-cache"),
+        ("--vae", unknown or not (is_toy and given("vae")), "the toy data is pixels, no VAE encodes it: drop --vae"),
+        ("--vae", unknown or is_toy or args.vae in ("ema", "mse") or os.path.exists(args.vae), "no such file: use ema, mse or the path of an SD VAE file"),
         ("--num-workers", args.num_workers >= 0, "use 0 (decode in the training process) or more"),
         ("--ckpt", args.ckpt in (None, "scratch") or published(args.ckpt) or os.path.exists(args.ckpt),
          "no such file: pass a base checkpoint, a published name (DiT-XL-2-256x256.pt) or 'scratch'"),
@@ -583,7 +587,7 @@ def main(args, given=None):
     # own settings or these with defaults by dataset (checked again); the batch per rank and micro-step.
     ddp = launched_by_torchrun()  # torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; plain python is one process
     world = int(os.environ.get("WORLD_SIZE", 1)) if ddp else 1
-    check_args(args, world)
+    check_args(args, world, first=True)
     args, info, ckpt = resolve_args(args, world, given)
     is_toy = info.get("toy", False)
     if ckpt is not None and ckpt["step"] >= args.max_steps and finished(args.resume, ckpt):

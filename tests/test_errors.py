@@ -150,7 +150,10 @@ CASES = [
     (T + " --image-size 64", "the toy domain toy is 32 pixels square"),
     (T + " --no-cache", "--no-cache: the toy data is made in memory"),
     (T + " --vae mse", "--vae mse: the toy data is pixels"),
-    (T + " --data {imgs} --image-size 100", "--image-size 100: the VAE needs a positive multiple of 8"),
+    (T + " --data {imgs} --image-size 100", "--image-size 100: the VAE needs a multiple of 8"),
+    (T + " --results-dir ''", "--results-dir : an empty path: pass a --results-dir you can write to"),
+    (T + " --data {imgs} --image-size 4096", "--image-size 4096: the VAE needs a multiple of 8, at most 2048"),
+    (T + " --data {imgs} --image-size 72 --ckpt scratch --method full --model DiT-S/8", "--image-size 72: DiT-S/8's patches are 8 latent pixels wide"),
     (T + " --data {imgs} --vae nope.safetensors", "--vae nope.safetensors: no such file"),
     (T + " --data nope", "--data nope: not a dataset"),
     (T + " --ckpt missing.pt", "--ckpt missing.pt: no such file"),
@@ -241,6 +244,7 @@ CASES = [
     ("sample.py --delta {delta} --sampler nope", "argument --sampler: invalid choice"),
     # fid.py
     ("fid.py {imgs} --mode toy", "need two inputs"),
+    ("fid.py {imgs} --ref toy --split test --mode toy", "the toy judge reads the toy domains' 32 or 64 px square images"),
     ("fid.py {imgs} --ref food101 --data-dir {afile}", "food101 is not in"),
     ("fid.py {imgs} {imgs} {imgs} --mode toy", "need two inputs"),
     ("fid.py {imgs} --save-stats out --mode toy", "end the name in .npz"),
@@ -288,6 +292,8 @@ CASES = [
     ("prepare.py --data {imgs} --download", "only torchvision's datasets download"),
     ("prepare.py --data cub200 --data-dir data", "no image folder"),
     ("prepare.py --data {imgs} --image-size 100", "--image-size 100: use a multiple of 8"),
+    ("prepare.py --data {imgs} --image-size 100000", "--image-size 100000: use at most 2048"),
+    ("prepare.py --data toy --export {imgs}", "not empty: pass a new or empty folder"),
     ("prepare.py --data {empty_class} --data-dir data", "class folders without an image (1: dog): remove them, or add their images"),
     ("prepare.py --data {loose} --data-dir data", "move its 1 loose images into one sub-folder per class"),
     ("prepare.py --data {splits} --data-dir data", "holds the split folders test, val but no train/: pass --data"),
@@ -636,8 +642,9 @@ def test_a_resumed_run_finds_its_repo_base_from_any_folder(files, tmp_path, monk
 def test_fid_skips_and_reports_an_unreadable_image(files, tmp_path, capsys):
     """As train.py and prepare.py do: the folder's readable images count, the others are named in one warning line."""
     folder = tmp_path / "samples"
-    for name in ("cat", "dog"):
-        cut(os.path.join(files["imgs"], name, "0.jpg"), str(folder / f"{name}.jpg"), keep=1)
+    folder.mkdir()
+    for i, name in enumerate(("cat", "dog")):  # 32 px, as the toy judge reads
+        Image.fromarray(np.full((32, 32, 3), 60 * i, np.uint8)).save(folder / f"{name}.jpg")
     cut(os.path.join(files["broken"], "truncated.jpg"), str(folder / "truncated.jpg"), keep=1)
     fid.main(fid.parser.parse_args([str(folder), "--save-stats", str(tmp_path / "stats.npz"), "--mode", "toy", "--num-workers", "0"]))
     out, err = capsys.readouterr()

@@ -308,3 +308,9 @@ def test_toy_mode_reads_the_classes_of_a_sample_set(tmp_path, capsys):
     for name, acc in [("right.npz", f"{right:.1%}"), ("shifted.npz", f"{shifted:.1%}"), ("pngs", f"{right:.1%}")]:
         run_main(str(tmp_path / name), "--ref", "toy", "--split", "test", "--mode", "toy")
         assert f"{tmp_path / name}: toy judge class accuracy {acc} (sample i has class i mod 8" in capsys.readouterr().out
+
+def test_save_stats_makes_the_folders_it_needs(tmp_path):
+    """--save-stats new/sub/s.npz: main checked the folder can be made, so it is made, not an error after the features."""
+    fid.save_stats(tmp_path / "new" / "sub" / "s.npz", np.zeros(3), np.eye(3), mode="toy")
+    mu, sigma, meta = fid.load_stats(str(tmp_path / "new" / "sub" / "s.npz"))
+    assert np.array_equal(sigma, np.eye(3)) and meta["mode"] == "toy"

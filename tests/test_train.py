@@ -520,3 +520,12 @@ def test_toy_floor_compares_two_halves_that_hold_every_class():
     ref, floor, real_acc = train.toy_reference("toy", 256)
     foreign = fid.statistics(toy.judge_features(toy.load("toy-art", "test")[0][:256])[0])
     assert real_acc >= 0.95 and floor < 0.05 * fid.frechet_distance(*foreign, *ref)
+
+def test_flags_of_a_resumed_run_are_not_checked_against_the_toy_before_its_own_data_is_known(tmp_path):
+    """`--resume RUN --vae V` of an image-folder run: the first check sees --data's default (the toy), whose rules do not apply."""
+    vae = tmp_path / "vae.safetensors"
+    vae.write_bytes(b"")
+    args = train.parser.parse_args(["--resume", str(tmp_path), "--vae", str(vae), "--image-size", "64", "--no-cache"])
+    train.check_args(args, first=True)  # nothing refused yet: resolve_args compares them with the run's own, then checks again
+    with pytest.raises(ValueError, match="the toy domain toy is 32 pixels square"):
+        train.check_args(args)  # what the second check says if the run really is a toy run
